@@ -1,0 +1,128 @@
+"""The one place Redis clients are created, and where redis-py errors become ours.
+
+Keys used together in one command, script or transaction share a hash tag (see :func:`tagged_key`)
+so the same code runs unchanged on Redis Cluster; when Cluster support lands,
+:func:`create_redis_client` is the only function that learns to return a cluster client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from .errors import BackendError, BackendUnavailableError, ConfigurationError, OperationTimeoutError
+
+__all__ = ["create_redis_client", "redis_errors", "tagged_key", "validate_redis_url"]
+
+_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+
+def validate_redis_url(url: str, *, field: str = "redis_url") -> str:
+    """Check that ``url`` is a Redis URL this library can connect to.
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL.
+        field: Name of the setting, for the error message.
+
+    Returns:
+        The URL unchanged.
+
+    Raises:
+        ConfigurationError: The scheme is not one of redis, rediss, unix, or the host is missing.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"{field}: unsupported Redis URL scheme {parts.scheme!r} in {_redact(url)!r}; "
+            "use redis://, rediss:// or unix://"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigurationError(f"{field}: Redis URL {_redact(url)!r} has no host")
+    return url
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def create_redis_client(
+    url: str,
+    *,
+    socket_timeout: float | None = 5.0,
+    socket_connect_timeout: float | None = 5.0,
+    **kwargs: Any,
+) -> aioredis.Redis:
+    """Create an asyncio Redis client for ``url``; nothing connects until the first command.
+
+    Args:
+        url: Redis URL (validated by :func:`validate_redis_url`).
+        socket_timeout: Per-command socket timeout in seconds (``None``: wait forever).
+        socket_connect_timeout: Connect timeout in seconds.
+        **kwargs: Passed to :meth:`redis.asyncio.Redis.from_url`.
+
+    Returns:
+        A client that owns its connection pool; close it with ``await client.aclose()``.
+    """
+    validate_redis_url(url)
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+        **kwargs,
+    )
+
+
+def tagged_key(tag: str, *parts: str) -> str:
+    """Build a Redis key inside the hash tag ``{tag}``.
+
+    Every key built from the same ``tag`` lands in the same Cluster slot, so one Lua script or
+    transaction may touch them together.
+
+    Args:
+        tag: The hash tag without braces, for example ``"dotmac:orders"``.
+        *parts: Further key segments, joined with ``:``.
+
+    Returns:
+        ``"{tag}:part1:part2"``.
+
+    Raises:
+        ValueError: ``tag`` is empty or contains a brace.
+    """
+    if not tag or "{" in tag or "}" in tag:
+        raise ValueError(f"hash tag must be non-empty and brace-free, got {tag!r}")
+    return ":".join((f"{{{tag}}}", *parts))
+
+
+@contextlib.contextmanager
+def redis_errors(operation: str) -> Iterator[None]:
+    """Translate redis-py exceptions raised inside the block into the library's error tree.
+
+    Args:
+        operation: What was being done, for the message (``"rate limiter 'sms' acquire"``).
+
+    Raises:
+        OperationTimeoutError: The command timed out.
+        BackendUnavailableError: The server could not be reached or the connection dropped.
+        BackendError: Redis answered with an error (for example a busy script or wrong type).
+    """
+    try:
+        yield
+    except rexc.TimeoutError as exc:
+        raise OperationTimeoutError(f"{operation}: Redis timed out: {exc}") from exc
+    except (rexc.ConnectionError, rexc.BusyLoadingError, ConnectionError, OSError) as exc:
+        raise BackendUnavailableError(f"{operation}: Redis is unavailable: {exc}") from exc
+    except rexc.RedisError as exc:
+        # Read-only replicas, OOM and cluster re-sharding answers clear up on their own.
+        transient = isinstance(exc, rexc.ReadOnlyError | rexc.TryAgainError) or str(exc).startswith(
+            ("OOM", "LOADING", "MASTERDOWN")
+        )
+        raise BackendError(f"{operation}: Redis error: {exc}", transient=transient) from exc

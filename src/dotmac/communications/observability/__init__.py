@@ -1,0 +1,1 @@
+"""Metrics, tracing, structured logging and health checks."""
