@@ -7,7 +7,8 @@ and health read with :func:`snapshot` and :func:`value`, whatever provider is in
 
 Names follow the OpenTelemetry messaging semantic conventions
 (``messaging.client.operation.duration``, ``messaging.client.sent.messages``,
-``messaging.client.consumed.messages``, ``messaging.process.duration``); the library's own live under ``dotmac.*``.
+``messaging.client.consumed.messages``, ``messaging.process.duration``);
+the library's own live under ``dotmac.*``.
 """
 
 from __future__ import annotations
