@@ -9,7 +9,12 @@ import pytest
 import redis
 
 from _support.redis_server import RedisServer, in_ci, redis_server_binary
+from dotmac.communications.observability import metrics
 from dotmac.communications.testing import FakeClock
+
+
+# Read once at import: tests that scrub DOTMAC_* variables must not hide the test server.
+_TEST_REDIS_URL = os.environ.get("DOTMAC_TEST_REDIS_URL")
 
 
 def _need_redis(reason: str) -> None:
@@ -20,9 +25,8 @@ def _need_redis(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def _redis_server_url() -> Iterator[str]:
-    url = os.environ.get("DOTMAC_TEST_REDIS_URL")
-    if url:
-        yield url
+    if _TEST_REDIS_URL:
+        yield _TEST_REDIS_URL
         return
     if redis_server_binary() is None:
         _need_redis("set DOTMAC_TEST_REDIS_URL or install redis-server")
@@ -62,6 +66,15 @@ def redis_server_factory() -> Iterator[type[RedisServer]]:
     yield _Tracked
     for server in started:
         server.close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's DOTMAC_*/OTEL_* variables; metrics start empty."""
+    for name in list(os.environ):
+        if name.startswith(("DOTMAC_", "OTEL_")):
+            monkeypatch.delenv(name)
+    metrics.reset()
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """dotmac-communications: notifications, a WebSocket gateway and an event bus for asyncio apps."""
 
-from __future__ import annotations
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
-from importlib.metadata import PackageNotFoundError, version
-
+from .config import CommunicationsConfig
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -21,14 +21,15 @@ from .errors import (
 )
 
 try:
-    __version__ = version("dotmac-communications")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = _version("dotmac-communications")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
 __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "CircuitOpenError",
+    "CommunicationsConfig",
     "CommunicationsError",
     "ConfigurationError",
     "DeliveryError",

@@ -17,7 +17,13 @@ import redis.exceptions as rexc
 
 from .errors import BackendError, BackendUnavailableError, ConfigurationError, OperationTimeoutError
 
-__all__ = ["create_redis_client", "redis_errors", "tagged_key", "validate_redis_url"]
+__all__ = [
+    "create_redis_client",
+    "redact_url",
+    "redis_errors",
+    "tagged_key",
+    "validate_redis_url",
+]
 
 _SCHEMES = frozenset({"redis", "rediss", "unix"})
 
@@ -38,15 +44,16 @@ def validate_redis_url(url: str, *, field: str = "redis_url") -> str:
     parts = urlsplit(url)
     if parts.scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"{field}: unsupported Redis URL scheme {parts.scheme!r} in {_redact(url)!r}; "
+            f"{field}: unsupported Redis URL scheme {parts.scheme!r} in {redact_url(url)!r}; "
             "use redis://, rediss:// or unix://"
         )
     if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigurationError(f"{field}: Redis URL {_redact(url)!r} has no host")
+        raise ConfigurationError(f"{field}: Redis URL {redact_url(url)!r} has no host")
     return url
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***``."""
     parts = urlsplit(url)
     if parts.password is None:
         return url

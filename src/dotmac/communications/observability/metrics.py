@@ -14,6 +14,7 @@ the library's own live under ``dotmac.*``.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,16 +23,19 @@ from typing import Any, Literal
 from opentelemetry import metrics as otel_metrics
 
 __all__ = [
+    "PROMETHEUS_CONTENT_TYPE",
     "Counter",
     "Histogram",
     "HistogramStats",
     "UpDownCounter",
     "counter",
     "histogram",
+    "render_prometheus",
     "reset",
     "set_enabled",
     "snapshot",
     "up_down_counter",
+    "use_meter_provider",
     "value",
 ]
 
@@ -44,6 +48,8 @@ _Kind = Literal["counter", "up_down_counter", "histogram"]
 _lock = threading.Lock()
 _enabled = True
 _instruments: dict[str, _Instrument] = {}
+# Library-local provider (``configure_telemetry(..., set_global=False)``); None: the global one.
+_meter_provider: otel_metrics.MeterProvider | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +77,7 @@ class _Instrument:
         # Created lazily: nothing touches the meter provider at import time, and the API's proxy
         # meter forwards to a provider configured later.
         if self._otel is None:
-            meter = otel_metrics.get_meter(METER_NAME)
+            meter = otel_metrics.get_meter(METER_NAME, meter_provider=_meter_provider)
             create = {
                 "counter": meter.create_counter,
                 "up_down_counter": meter.create_up_down_counter,
@@ -215,3 +221,86 @@ def reset() -> None:
     with _lock:
         for inst in _instruments.values():
             inst._values.clear()
+
+
+def use_meter_provider(provider: otel_metrics.MeterProvider | None) -> None:
+    """Send this library's measurements to ``provider`` instead of the global meter provider.
+
+    Used by :func:`~dotmac.communications.observability.configure_telemetry` with
+    ``set_global=False`` and by tests; the OTel global provider can be set only once per process.
+
+    Args:
+        provider: The provider to use; ``None`` returns to the global one.
+    """
+    global _meter_provider  # noqa: PLW0603 -- one process-wide binding, like the OTel global
+    with _lock:
+        _meter_provider = provider
+        for inst in _instruments.values():
+            inst._otel = None
+
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""Content type of :func:`render_prometheus` output (Prometheus text exposition format)."""
+
+_PROM_UNITS = {"s": "seconds", "ms": "milliseconds", "By": "bytes"}
+
+
+def _prom_name(name: str, unit: str) -> str:
+    base = re.sub(r"[^a-zA-Z0-9_:]", "_", name)
+    suffix = _PROM_UNITS.get(unit)
+    if suffix and not base.endswith(f"_{suffix}"):
+        base = f"{base}_{suffix}"
+    return base
+
+
+def _prom_labels(attrs: Mapping[str, Any]) -> str:
+    parts = []
+    for key, val in sorted(attrs.items()):
+        label = re.sub(r"[^a-zA-Z0-9_]", "_", key)
+        text = str(val).lower() if isinstance(val, bool) else str(val)
+        text = text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        parts.append(f'{label}="{text}"')
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _prom_number(number: float) -> str:
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "+Inf" if number > 0 else "-Inf"
+    return repr(float(number))
+
+
+def render_prometheus() -> str:
+    """Render the in-process snapshot in the Prometheus text exposition format.
+
+    Names follow the OpenTelemetry-to-Prometheus mapping: dots become underscores, a unit
+    suffix is added (``_seconds``), counters end in ``_total``. Histograms are exposed as
+    summaries without quantiles (``_count`` and ``_sum``), since the snapshot keeps no buckets.
+
+    Returns:
+        The exposition text (serve it with :data:`PROMETHEUS_CONTENT_TYPE`).
+    """
+    with _lock:
+        items = [
+            (inst.kind, inst.name, inst.unit, inst.description, list(inst._values.items()))
+            for inst in sorted(_instruments.values(), key=lambda i: i.name)
+            if inst._values
+        ]
+    lines: list[str] = []
+    for kind, name, unit, description, values in items:
+        base = _prom_name(name, unit)
+        if kind == "counter" and not base.endswith("_total"):
+            base = f"{base}_total"
+        prom_type = {"counter": "counter", "up_down_counter": "gauge", "histogram": "summary"}[kind]
+        if description:
+            lines.append(f"# HELP {base} {description}")
+        lines.append(f"# TYPE {base} {prom_type}")
+        for key, val in values:
+            attrs = dict(key)
+            if isinstance(val, HistogramStats):
+                lines.append(f"{base}_count{_prom_labels(attrs)} {val.count}")
+                lines.append(f"{base}_sum{_prom_labels(attrs)} {_prom_number(val.sum)}")
+            else:
+                lines.append(f"{base}{_prom_labels(attrs)} {_prom_number(val)}")
+    return "\n".join(lines) + "\n" if lines else ""

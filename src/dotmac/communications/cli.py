@@ -1,0 +1,97 @@
+"""``dotmac-comms``: inspect configuration and health from the command line.
+
+Exit codes: 0 success, 1 unhealthy, 2 invalid configuration or usage. Later commands (``serve``,
+``send``, ``dlq``) arrive with the parts they drive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from ._config_docs import env_example, safe_dump
+from .config import CommunicationsConfig
+from .errors import ConfigurationError
+from .observability import HealthRegistry, redis_check
+
+__all__ = ["build_health_registry", "main"]
+
+EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dotmac-comms", description="dotmac-communications command line."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    config = commands.add_parser("config", help="show or check the configuration")
+    config_cmd = config.add_subparsers(dest="config_command", required=True)
+    config_cmd.add_parser("show", help="print the resolved configuration as JSON (secrets masked)")
+    config_cmd.add_parser("check", help="validate the configuration; exit 2 when invalid")
+    config_cmd.add_parser("env-example", help="print .env.example for this version")
+    health = commands.add_parser("health", help="run the health checks once (health+json)")
+    health.add_argument(
+        "--timeout", type=float, default=None, help="per-check timeout (default: config)"
+    )
+    return parser
+
+
+def build_health_registry(
+    config: CommunicationsConfig, *, timeout: float | None = None
+) -> HealthRegistry:
+    """The checks the configuration implies: one ``redis:<section>`` ping per Redis in use."""
+    registry = HealthRegistry()
+    per_check = timeout or config.observability.health_check_timeout
+    urls: dict[str, str] = {}
+    if config.events.backend == "redis" and config.events.redis_url:
+        urls.setdefault(config.events.redis_url, "redis:events")
+    for url in (config.notifications.redis_url, config.websockets.redis_url, config.redis_url):
+        if url:
+            urls.setdefault(url, "redis:ping")
+    for url, name in urls.items():
+        registry.register(name, redis_check(url, name=name), timeout=per_check)
+    return registry
+
+
+def _write(text: str, *, err: bool = False) -> None:
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text if text.endswith("\n") else text + "\n")
+
+
+async def _health(config: CommunicationsConfig, timeout: float | None) -> int:
+    report = await build_health_registry(config, timeout=timeout).check()
+    _write(json.dumps(report.to_dict(), indent=2))
+    return EXIT_OK if report.http_status == 200 else EXIT_UNHEALTHY
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "config" and args.config_command == "env-example":
+        _write(env_example())
+        return EXIT_OK
+    try:
+        config = CommunicationsConfig()
+    except ConfigurationError as exc:
+        _write(f"dotmac-comms: {exc}", err=True)
+        return EXIT_USAGE
+    if args.command == "config":
+        if args.config_command == "show":
+            _write(safe_dump(config))
+        else:
+            _write(
+                f"configuration OK: environment={config.environment} "
+                f"events.backend={config.events.backend} "
+                f"redis={'configured' if config.redis_url else 'not configured'}"
+            )
+        return EXIT_OK
+    return asyncio.run(_health(config, args.timeout))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
