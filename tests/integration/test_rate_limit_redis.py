@@ -56,6 +56,18 @@ async def test_refill_follows_the_injected_clock(redis_url: str, clock: FakeCloc
         assert info.value.retry_after == pytest.approx(1.0)
 
 
+async def test_without_a_clock_the_server_time_refills(
+    redis_url: str, aredis: aioredis.Redis
+) -> None:
+    """With no injected clock the bucket is stamped with the Redis server's TIME."""
+    async with RateLimiter("server-time", rate=1.0, capacity=2, redis_url=redis_url) as lim:
+        assert await lim.try_acquire()
+        assert lim.key is not None
+        stamped = float(await aredis.hget(lim.key, "ts") or 0)
+    seconds, micros = await aredis.time()
+    assert abs(seconds + micros / 1e6 - stamped) < 5
+
+
 async def test_key_is_hash_tagged_and_expires(
     redis_url: str, aredis: aioredis.Redis, clock: FakeClock
 ) -> None:

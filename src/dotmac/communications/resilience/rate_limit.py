@@ -5,9 +5,10 @@ so bursts of ``capacity`` pass at once. In memory, each :class:`RateLimiter` has
 (two in-memory limiters with the same name do **not** share). With Redis, every limiter with the
 same ``key_prefix`` and ``name`` shares one bucket, updated atomically by a Lua script.
 
-**Time with Redis.** The script refills by the caller's wall-clock time (``clock.time()``,
-passed as an argument so tests can drive it with a fake clock), so processes sharing a bucket
-need synchronised clocks (NTP). A caller whose clock lags never refills the bucket backwards.
+**Time with Redis.** By default the script refills by the Redis server's own clock (``TIME``), so
+processes on hosts whose clocks disagree still share one honest budget. When a ``clock`` is
+injected (tests), its ``time()`` is sent instead. Either way a lagging reading never refills the
+bucket backwards.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ __all__ = ["RateLimiter"]
 _REJECTIONS = "dotmac.resilience.rate_limit.rejections"
 _EPSILON = 1e-9  # float refill arithmetic may leave a hair under a whole token
 
-# KEYS[1]: bucket hash. ARGV: rate (tokens/s), capacity, now (s), tokens wanted, TTL (ms).
+# KEYS[1]: bucket hash. ARGV: rate (tokens/s), capacity, now (s; "" = the server's TIME),
+# tokens wanted, TTL (ms).
 # Returns {1, "0"} when the tokens were taken, else {0, "<seconds until they will be there>"}
 # (a string: Redis truncates Lua numbers to integers).
 _TAKE_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local wanted = tonumber(ARGV[4])
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(state[1])
@@ -90,7 +96,7 @@ class _MemoryBucket:
 
 
 class _RedisBucket:
-    __slots__ = ("_args", "_clock", "_key", "_name", "_script")
+    __slots__ = ("_args", "_clock", "_key", "_name", "_script", "_server_time")
 
     def __init__(
         self,
@@ -101,7 +107,9 @@ class _RedisBucket:
         rate: float,
         capacity: float,
         clock: Clock,
+        server_time: bool,
     ) -> None:
+        self._server_time = server_time
         self._key = key
         self._name = name
         self._clock = clock
@@ -115,7 +123,14 @@ class _RedisBucket:
         rate, capacity, ttl_ms = self._args
         with redis_errors(f"rate limiter {self._name!r}"):
             allowed, wait = await self._script(
-                keys=[self._key], args=[rate, capacity, self._clock.time(), tokens, ttl_ms]
+                keys=[self._key],
+                args=[
+                    rate,
+                    capacity,
+                    "" if self._server_time else self._clock.time(),
+                    tokens,
+                    ttl_ms,
+                ],
             )
         return 0.0 if int(allowed) else max(float(wait), 0.0)
 
@@ -137,8 +152,9 @@ class RateLimiter:
         rate: Tokens added per second (> 0).
         capacity: Most tokens the bucket holds (>= 1); it starts full.
         redis_url: Share the bucket through this Redis; the limiter owns the client it creates.
-        clock: Clock to wait on and refill by (default: the system clock). With Redis, its
-            ``time()`` is sent to the script, so every process must have a synchronised clock.
+        clock: Clock to wait on and refill by (default: the system clock). With Redis, an
+            injected clock's ``time()`` refills the shared bucket; without one, the Redis
+            server's clock does, so hosts need not agree on the time.
         redis_client: A ready client to share the bucket through; the caller keeps ownership.
         key_prefix: Prefix of the Redis key, which is ``{<key_prefix>:<name>}`` (hash-tagged).
 
@@ -189,6 +205,7 @@ class RateLimiter:
                 rate=self.rate,
                 capacity=self.capacity,
                 clock=self.clock,
+                server_time=clock is None,
             )
 
     def __repr__(self) -> str:
