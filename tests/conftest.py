@@ -12,7 +12,6 @@ from _support.redis_server import RedisServer, in_ci, redis_server_binary
 from dotmac.communications.observability import metrics
 from dotmac.communications.testing import FakeClock
 
-
 # Read once at import: tests that scrub DOTMAC_* variables must not hide the test server.
 _TEST_REDIS_URL = os.environ.get("DOTMAC_TEST_REDIS_URL")
 

@@ -26,7 +26,9 @@ def test_config_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert "configuration OK" in capsys.readouterr().out
 
 
-def test_config_check_bad(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_check_bad(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """config check exits 2 and lists the bad variables on stderr."""
     monkeypatch.setenv("DOTMAC_EVENTS__MAXLEN", "-1")
     monkeypatch.setenv("DOTMAC_WEBSOCKETS__PATH", "ws")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
-def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run each config test in an empty directory so no stray .env is read."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -93,16 +93,18 @@ def test_secrets_never_leak(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_precedence_env_over_dotenv_over_file_over_defaults(
-    _cwd: Path, monkeypatch: pytest.MonkeyPatch
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """env beats .env beats the config file beats defaults, field by field."""
-    config_file = _cwd / "comms.yaml"
+    config_file = workdir / "comms.yaml"
     config_file.write_text(
         "log_level: WARNING\n"
         "events:\n  max_attempts: 7\n  maxlen: 50\n  stream_prefix: from-file\n"
         "notifications:\n  email:\n    host: file-host\n"
     )
-    (_cwd / ".env").write_text("DOTMAC_EVENTS__MAXLEN=60\nDOTMAC_EVENTS__STREAM_PREFIX=from-dotenv\n")
+    (workdir / ".env").write_text(
+        "DOTMAC_EVENTS__MAXLEN=60\nDOTMAC_EVENTS__STREAM_PREFIX=from-dotenv\n"
+    )
     monkeypatch.setenv("DOTMAC_CONFIG_FILE", str(config_file))
     monkeypatch.setenv("DOTMAC_EVENTS__STREAM_PREFIX", "from-env")
     config = CommunicationsConfig()
@@ -114,9 +116,9 @@ def test_precedence_env_over_dotenv_over_file_over_defaults(
     assert config.notifications.email.port == 25
 
 
-def test_json_config_file(_cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_json_config_file(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A .json file works like YAML."""
-    path = _cwd / "comms.json"
+    path = workdir / "comms.json"
     path.write_text(json.dumps({"websockets": {"port": 9001}, "debug": True}))
     monkeypatch.setenv("DOTMAC_CONFIG_FILE", str(path))
     config = CommunicationsConfig()
@@ -135,10 +137,10 @@ def test_json_config_file(_cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_bad_config_file_is_a_clear_error(
-    _cwd: Path, monkeypatch: pytest.MonkeyPatch, name: str, content: str | None, needle: str
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, name: str, content: str | None, needle: str
 ) -> None:
     """A missing, unparsable or wrongly shaped config file names the file and the problem."""
-    path = _cwd / name
+    path = workdir / name
     if content is not None:
         path.write_text(content)
     monkeypatch.setenv("DOTMAC_CONFIG_FILE", str(path))
@@ -147,12 +149,14 @@ def test_bad_config_file_is_a_clear_error(
     assert "DOTMAC_CONFIG_FILE" in str(info.value)
 
 
-def test_unknown_key_in_file_is_rejected(_cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_key_in_file_is_rejected(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A typo in the config file fails instead of being ignored."""
-    path = _cwd / "comms.yaml"
+    path = workdir / "comms.yaml"
     path.write_text("events:\n  max_atempts: 3\n")
     monkeypatch.setenv("DOTMAC_CONFIG_FILE", str(path))
-    with pytest.raises(ConfigurationError, match=r"events\.max_atempts.*DOTMAC_EVENTS__MAX_ATEMPTS"):
+    with pytest.raises(
+        ConfigurationError, match=r"events\.max_atempts.*DOTMAC_EVENTS__MAX_ATEMPTS"
+    ):
         CommunicationsConfig()
 
 
@@ -189,11 +193,11 @@ def test_cross_field_rules() -> None:
     """Redis backend without a URL, TLS conflicts and half-set credentials are refused."""
     with pytest.raises(ConfigurationError, match="DOTMAC_EVENTS__REDIS_URL or DOTMAC_REDIS_URL"):
         CommunicationsConfig(events={"backend": "redis"})
-    with pytest.raises(ConfigurationError, match="use_tls .* start_tls"):
+    with pytest.raises(ConfigurationError, match=r"use_tls .* start_tls"):
         CommunicationsConfig(notifications={"email": {"use_tls": True, "start_tls": True}})
     with pytest.raises(ConfigurationError, match="username and password must be set together"):
         CommunicationsConfig(notifications={"email": {"username": "u"}})
-    with pytest.raises(ConfigurationError, match="twilio.account_sid"):
+    with pytest.raises(ConfigurationError, match=r"twilio\.account_sid"):
         CommunicationsConfig(notifications={"sms": {"provider": "twilio"}})
     with pytest.raises(ConfigurationError, match="DOTMAC_DEBUG"):
         CommunicationsConfig(environment="production", debug=True)
@@ -316,17 +320,17 @@ def test_fcm_server_key_warns_about_service_accounts(monkeypatch: pytest.MonkeyP
     assert key.get_secret_value() == "AAAA-legacy"
 
 
-def test_legacy_names_in_dotenv(_cwd: Path) -> None:
+def test_legacy_names_in_dotenv(workdir: Path) -> None:
     """Legacy names in .env work too; foreign variables there are ignored."""
-    (_cwd / ".env").write_text("DOTMAC_SMTP_HOST=dotenv-host\nDATABASE_URL=postgres://x\n")
+    (workdir / ".env").write_text("DOTMAC_SMTP_HOST=dotenv-host\nDATABASE_URL=postgres://x\n")
     with pytest.deprecated_call():
         config = CommunicationsConfig()
     assert config.notifications.email.host == "dotenv-host"
 
 
-def test_unknown_dotmac_name_in_dotenv_fails(_cwd: Path) -> None:
+def test_unknown_dotmac_name_in_dotenv_fails(workdir: Path) -> None:
     """A misspelt DOTMAC_ variable in .env is an error, not silently ignored."""
-    (_cwd / ".env").write_text("DOTMAC_EVENT__BACKEND=redis\n")
+    (workdir / ".env").write_text("DOTMAC_EVENT__BACKEND=redis\n")
     with pytest.raises(ConfigurationError, match="DOTMAC_EVENT__BACKEND"):
         CommunicationsConfig()
 
@@ -402,4 +406,7 @@ def test_arbitrary_env_text_never_crashes(
     try:
         CommunicationsConfig()
     except ConfigurationError as exc:
-        assert field in str(exc)
+        message = str(exc)
+    else:
+        return
+    assert field in message

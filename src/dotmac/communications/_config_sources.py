@@ -60,7 +60,9 @@ _SECRET_WORDS = ("password", "secret", "token", "key")
 
 def deprecation_message(old: str, new: str, *, extra: str = "") -> str:
     """Build the one deprecation message format used across the library."""
-    text = f"{old} is deprecated; use {new} instead. It will be removed in version {REMOVAL_VERSION}."
+    text = (
+        f"{old} is deprecated; use {new} instead. It will be removed in version {REMOVAL_VERSION}."
+    )
     return f"{text} {extra}" if extra else text
 
 
@@ -73,7 +75,7 @@ def env_name(loc: tuple[str | int, ...]) -> str:
 
 
 def configuration_error(exc: ValidationError) -> ConfigurationError:
-    """Turn a pydantic ``ValidationError`` into one error listing every bad field and its env var."""
+    """Turn a ``ValidationError`` into one error listing every bad field and its env var."""
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
@@ -146,12 +148,16 @@ def legacy_redis_url(parts: Mapping[str, Any], *, origin: str) -> str | None:
 class LegacyEnvSource(PydanticBaseSettingsSource):
     """The old flat ``DOTMAC_SMTP_HOST``-style variables, each with a DeprecationWarning."""
 
-    def __init__(self, settings_cls: type[BaseSettings], *, dotenv_values: Mapping[str, Any]):
+    def __init__(
+        self, settings_cls: type[BaseSettings], *, dotenv_values: Mapping[str, Any]
+    ) -> None:
         super().__init__(settings_cls)
         # Real environment beats the .env file, as for the new names.
         lowered = {k.lower(): v for k, v in dotenv_values.items() if v is not None}
         lowered.update({k.lower(): v for k, v in os.environ.items()})
-        self._values = {name: lowered[name.lower()] for name in LEGACY_ENV if name.lower() in lowered}
+        self._values = {
+            name: lowered[name.lower()] for name in LEGACY_ENV if name.lower() in lowered
+        }
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         """Unused: :meth:`__call__` builds the nested data directly."""
@@ -170,12 +176,14 @@ class LegacyEnvSource(PydanticBaseSettingsSource):
                     "FCM's legacy server-key API is retired: FCM HTTP v1 needs a service account "
                     "(DOTMAC_NOTIFICATIONS__PUSH__FCM__SERVICE_ACCOUNT_FILE); see MIGRATION.md."
                 )
-            warnings.warn(deprecation_message(name, new, extra=extra), DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                deprecation_message(name, new, extra=extra), DeprecationWarning, stacklevel=2
+            )
             if path == ("redis_url",):
                 redis_parts[name.removeprefix("DOTMAC_REDIS_").lower()] = value
                 continue
             if name == "DOTMAC_SMTP_USE_TLS" and self._values.get("DOTMAC_SMTP_PORT") == "465":
-                # The old flag meant "use TLS"; on port 465 that is implicit TLS, elsewhere STARTTLS.
+                # The old flag meant "use TLS": on port 465 implicit TLS, elsewhere STARTTLS.
                 path = ("notifications", "email", "use_tls")
             _set_path(data, path, value)
         if "DOTMAC_TWILIO_SID" in self._values:
@@ -194,13 +202,14 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 class FilteredDotEnvSource(PydanticBaseSettingsSource):
-    """The ``.env`` source, minus the legacy names (read by :class:`LegacyEnvSource`) and minus
-    variables that are not ours (a host app's ``DATABASE_URL`` in the same ``.env``).
+    """The ``.env`` source without legacy names and without variables that are not ours.
 
-    Unknown ``DOTMAC_*`` names are kept so that a typo fails validation instead of being ignored.
+    Legacy names are read by :class:`LegacyEnvSource`; a host app's own variables (its
+    ``DATABASE_URL`` in the same ``.env``) are ignored. Unknown ``DOTMAC_*`` names are kept so
+    that a typo fails validation instead of being ignored.
     """
 
-    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource) -> None:
         super().__init__(settings_cls)
         self._inner = inner
 

@@ -63,8 +63,8 @@ def _write(text: str, *, err: bool = False) -> None:
     stream.write(text if text.endswith("\n") else text + "\n")
 
 
-async def _health(config: CommunicationsConfig, timeout: float | None) -> int:
-    report = await build_health_registry(config, timeout=timeout).check()
+async def _health(config: CommunicationsConfig, per_check: float | None) -> int:
+    report = await build_health_registry(config, timeout=per_check).check()
     _write(json.dumps(report.to_dict(), indent=2))
     return EXIT_OK if report.http_status == 200 else EXIT_UNHEALTHY
 

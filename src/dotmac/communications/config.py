@@ -111,7 +111,7 @@ class EventsSettings(_Section):
     max_event_bytes: int = Field(
         1_048_576, ge=1, description="Largest serialised event accepted by publish, in bytes."
     )
-    dead_letter_enabled: bool = Field(True, description="Keep failed events in a dead-letter stream.")
+    dead_letter_enabled: bool = Field(True, description="Keep failed events as dead letters.")
     dead_letter_maxlen: int = Field(10_000, ge=1, description="Approximate cap on dead letters.")
     shutdown_timeout: PositiveSeconds = Field(
         10.0, description="Seconds to drain in-flight handlers when the bus stops."
@@ -265,7 +265,8 @@ class WebSocketsSettings(_Section):
     )
     jwt_audience: str | None = Field(None, description="Required JWT audience (unset: none).")
     allowed_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Origins allowed to connect, comma-separated (empty: any)."
+        default_factory=list,
+        description="Origins allowed to connect, comma-separated; empty: any.",
     )
     max_message_size: int = Field(65_536, ge=1, description="Largest incoming frame, in bytes.")
     max_connections: int = Field(10_000, ge=1, description="Connections accepted per process.")
