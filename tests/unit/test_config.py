@@ -382,12 +382,13 @@ def test_env_example_lists_every_field() -> None:
 @given(port=st.integers(min_value=-(10**6), max_value=10**6))
 def test_port_bounds_property(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Any port string parses to the port in range, else fails naming the variable."""
-    monkeypatch.setenv("DOTMAC_NOTIFICATIONS__EMAIL__PORT", str(port))
-    if 1 <= port <= 65535:
-        assert CommunicationsConfig().notifications.email.port == port
-    else:
-        with pytest.raises(ConfigurationError, match="DOTMAC_NOTIFICATIONS__EMAIL__PORT"):
-            CommunicationsConfig()
+    with monkeypatch.context() as patch:  # one example's variables never leak into the next
+        patch.setenv("DOTMAC_NOTIFICATIONS__EMAIL__PORT", str(port))
+        if 1 <= port <= 65535:
+            assert CommunicationsConfig().notifications.email.port == port
+        else:
+            with pytest.raises(ConfigurationError, match="DOTMAC_NOTIFICATIONS__EMAIL__PORT"):
+                CommunicationsConfig()
 
 
 @settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -402,11 +403,13 @@ def test_arbitrary_env_text_never_crashes(
     field: str, value: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Any text in a variable either parses or raises ConfigurationError naming it."""
-    monkeypatch.setenv(field, value)
-    try:
-        CommunicationsConfig()
-    except ConfigurationError as exc:
-        message = str(exc)
-    else:
-        return
+    with monkeypatch.context() as patch:  # one example's variables never leak into the next
+        patch.setenv(field, value)
+        try:
+            CommunicationsConfig()
+        except ConfigurationError as exc:
+            message = str(exc)
+        else:
+            return
     assert field in message
+    assert message.count("\n  ") == 1  # exactly one bad field reported

@@ -16,6 +16,11 @@ chained with ``raise ... from exc``, so callers never have to catch a vendor typ
     │   ├── PermanentDeliveryError                          a send failed and never will succeed
     │   └── TemplateError                                   a template failed to render
     ├── EventError                                          events sub-root
+    │   ├── InvalidTopicError           (also ValueError)   bad topic name at publish
+    │   ├── InvalidPatternError         (also ValueError)   bad subscription pattern
+    │   ├── EventSerializationError     (also ValueError)   data is not JSON-serialisable
+    │   ├── EventTooLargeError          (also ValueError)   serialised event over the limit
+    │   └── PublishTimeoutError         transient           a full backend stayed full
     └── WebSocketError                                      gateway sub-root
 
 **Transient vs permanent.** Each error carries ``transient``: ``True`` when the same call may
@@ -41,9 +46,14 @@ __all__ = [
     "ConfigurationError",
     "DeliveryError",
     "EventError",
+    "EventSerializationError",
+    "EventTooLargeError",
+    "InvalidPatternError",
+    "InvalidTopicError",
     "NotificationError",
     "OperationTimeoutError",
     "PermanentDeliveryError",
+    "PublishTimeoutError",
     "RateLimitedError",
     "TemplateError",
     "WebSocketError",
@@ -138,6 +148,28 @@ class TemplateError(NotificationError):
 
 class EventError(CommunicationsError):
     """Root of event-bus errors."""
+
+
+class InvalidTopicError(EventError, ValueError):
+    """A topic name is empty, too long, or has characters outside ``[A-Za-z0-9_-]`` segments."""
+
+
+class InvalidPatternError(EventError, ValueError):
+    """A subscription pattern is malformed (``#`` not last, a wildcard inside a segment...)."""
+
+
+class EventSerializationError(EventError, ValueError):
+    """Event data (or headers) cannot be serialised to JSON."""
+
+
+class EventTooLargeError(EventError, ValueError):
+    """A serialised event exceeds the configured ``max_event_bytes``."""
+
+
+class PublishTimeoutError(EventError):
+    """The backend stayed full (backpressure) past the publish timeout."""
+
+    transient = True
 
 
 class WebSocketError(CommunicationsError):

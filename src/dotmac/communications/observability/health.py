@@ -6,7 +6,7 @@ draft-inadarei-api-health-check, runs with its own timeout, and reports ``pass``
 makes it ``warn``. ``pass`` and ``warn`` are served with HTTP 200, ``fail`` with 503::
 
     registry = HealthRegistry(version="1.2.0")
-    registry.add(redis_check("redis://localhost:6379/0"))
+    registry.register("redis:ping", redis_check("redis://localhost:6379/0"), timeout=1.0)
     report = await registry.check()
     return JSONResponse(report.to_dict(), report.http_status, media_type=HEALTH_CONTENT_TYPE)
 """
@@ -31,7 +31,6 @@ __all__ = [
     "CONTENT_TYPE",
     "CheckOutcome",
     "CheckResult",
-    "HealthCheck",
     "HealthRegistry",
     "HealthReport",
     "HealthStatus",
@@ -77,27 +76,12 @@ CheckFunction = Callable[[], Awaitable["CheckResult | bool | None"]]
 
 
 @dataclass(frozen=True, slots=True)
-class HealthCheck:
-    """A named check with its timeout and criticality, ready for :meth:`HealthRegistry.add`.
-
-    Raises:
-        ValueError: ``name`` is not ``component:measurement`` or ``timeout`` is not positive.
-    """
-
+class _Registered:
     name: str
     check: CheckFunction
-    timeout: float = 2.0
-    critical: bool = True
-    component_type: str | None = None
-
-    def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise ValueError(
-                f"health check name must be 'component:measurement' (one colon, no spaces), "
-                f"got {self.name!r}"
-            )
-        if not self.timeout > 0:
-            raise ValueError(f"health check {self.name!r}: timeout must be > 0, got {self.timeout}")
+    timeout: float
+    critical: bool
+    component_type: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +180,7 @@ class HealthRegistry:
         self._version = version
         self._service_id = service_id
         self._description = description
-        self._checks: dict[str, HealthCheck] = {}
+        self._checks: dict[str, _Registered] = {}
 
     @property
     def names(self) -> list[str]:
@@ -211,34 +195,30 @@ class HealthRegistry:
         timeout: float = 2.0,
         critical: bool = True,
         component_type: str | None = None,
-    ) -> HealthCheck:
+    ) -> None:
         """Register ``check`` under ``name``.
 
         Args:
             name: ``component:measurement``, for example ``"redis:ping"``.
-            check: ``async () -> CheckResult | bool | None``.
+            check: ``async () -> CheckResult | bool | None``, such as :func:`redis_check`'s.
             timeout: Seconds the check may take before it reports ``fail``.
             critical: Whether a failure fails the whole report (otherwise it only warns).
             component_type: Reported as ``componentType`` unless the result gives its own.
 
-        Returns:
-            The registered :class:`HealthCheck`.
-
         Raises:
-            ValueError: Bad name or timeout, or ``name`` is already registered.
+            ValueError: ``name`` is not ``component:measurement`` (one colon, no spaces) or is
+                already registered, or ``timeout`` is not positive.
         """
-        return self.add(HealthCheck(name, check, timeout, critical, component_type))
-
-    def add(self, health_check: HealthCheck) -> HealthCheck:
-        """Register a ready-made check such as :func:`redis_check`'s.
-
-        Raises:
-            ValueError: A check with the same name is already registered.
-        """
-        if health_check.name in self._checks:
-            raise ValueError(f"health check {health_check.name!r} is already registered")
-        self._checks[health_check.name] = health_check
-        return health_check
+        if not _NAME.match(name):
+            raise ValueError(
+                f"health check name must be 'component:measurement' (one colon, no spaces), "
+                f"got {name!r}"
+            )
+        if not timeout > 0:
+            raise ValueError(f"health check {name!r}: timeout must be > 0, got {timeout}")
+        if name in self._checks:
+            raise ValueError(f"health check {name!r} is already registered")
+        self._checks[name] = _Registered(name, check, timeout, critical, component_type)
 
     def unregister(self, name: str) -> None:
         """Remove the check called ``name``.
@@ -274,16 +254,20 @@ class HealthRegistry:
             description=self._description,
         )
 
-    async def _run(self, spec: HealthCheck) -> CheckOutcome:
+    async def _run(self, spec: _Registered) -> CheckOutcome:
         started = self._clock.monotonic()
         task = asyncio.ensure_future(spec.check())
         # asyncio.wait rather than a timeout around the await: a check that swallows
         # cancellation must not hold the whole report past its own timeout.
-        done, _ = await asyncio.wait({task}, timeout=spec.timeout)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=spec.timeout)
+        finally:
+            # Timed out, or check() itself was cancelled: stop the check, collect it later.
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(_consume)
         result: CheckResult
         if not done:
-            task.cancel()
-            task.add_done_callback(_consume)
             result = CheckResult("fail", f"timed out after {spec.timeout:g}s")
         else:
             try:
@@ -331,25 +315,22 @@ def redis_check(
     url_or_client: str | aioredis.Redis,
     *,
     name: str = "redis:ping",
-    timeout: float = 2.0,
-    critical: bool = True,
     clock: Clock = system_clock,
-) -> HealthCheck:
+) -> CheckFunction:
     """A check that PINGs Redis and reports the round trip in ms as ``observedValue``.
 
     Given a URL, each run opens a fresh connection and closes it (a health check every few
-    seconds does not need a pool, and leaves nothing to clean up); given a client, it is reused
-    and stays the caller's to close.
+    seconds needs no pool, and leaves nothing to clean up); given a client, it is reused and
+    stays the caller's to close. Redis errors become a ``fail`` result naming ``name``; the
+    registry's timeout bounds the whole run.
 
     Args:
         url_or_client: ``redis://`` URL or a ready asyncio client.
-        name: Check name.
-        timeout: Seconds before the check reports ``fail``.
-        critical: Whether a failure fails the report.
+        name: Check name, used in failure messages.
         clock: Source of the latency measurement.
 
     Returns:
-        A :class:`HealthCheck` for :meth:`HealthRegistry.add`.
+        An async check for :meth:`HealthRegistry.register`.
 
     Raises:
         ConfigurationError: ``url_or_client`` is a URL with an unsupported scheme or no host.
@@ -358,12 +339,9 @@ def redis_check(
         validate_redis_url(url_or_client)
 
     async def ping() -> CheckResult:
-        if isinstance(url_or_client, str):
-            client = create_redis_client(
-                url_or_client, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-        else:
-            client = url_or_client
+        client = (
+            create_redis_client(url_or_client) if isinstance(url_or_client, str) else url_or_client
+        )
         try:
             started = clock.monotonic()
             with redis_errors(f"health check {name}"):
@@ -378,4 +356,4 @@ def redis_check(
             "pass", observed_value=elapsed_ms, observed_unit="ms", component_type="datastore"
         )
 
-    return HealthCheck(name, ping, timeout, critical, "datastore")
+    return ping

@@ -111,9 +111,7 @@ _RECORD_FIELDS = frozenset(
 )
 
 
-def _add_record_fields(
-    logger: WrappedLogger, method_name: str, event_dict: EventDict
-) -> EventDict:
+def _add_record_fields(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     # Foreign records: the library's stashed event, or the ``extra=`` fields a stdlib caller gave.
     record = event_dict.get("_record")
     if record is None:

@@ -1,0 +1,53 @@
+"""Type-checked (mypy --strict), never run: the public API used the way host apps use it."""
+
+from __future__ import annotations
+
+from dotmac.communications import CommunicationsConfig, ConfigurationError
+from dotmac.communications.errors import is_transient
+from dotmac.communications.observability import (
+    HealthRegistry,
+    configure_logging,
+    configure_telemetry,
+    get_logger,
+    messaging_span,
+    metrics,
+    redis_check,
+)
+from dotmac.communications.resilience import CircuitBreaker, RateLimiter, RetryPolicy
+
+
+async def fetch(order_id: int) -> str:
+    return f"order-{order_id}"
+
+
+async def main() -> None:
+    try:
+        config = CommunicationsConfig()
+    except ConfigurationError as exc:
+        raise SystemExit(str(exc)) from exc
+    configure_logging(config.log_level, config.log_format or "json")
+    with configure_telemetry(config.observability):
+        log = get_logger("app")
+        policy = RetryPolicy(max_attempts=3, deadline=5.0)
+        breaker = CircuitBreaker("orders-api")
+        limiter = RateLimiter("orders-api", rate=5.0, capacity=10, redis_url=config.redis_url)
+
+        @policy
+        async def fetch_with_retry(order_id: int) -> str:
+            return await breaker.call(fetch, order_id)
+
+        await limiter.acquire()
+        value: str = await fetch_with_retry(1)
+        also: str = await policy.call(fetch, 2)
+        metrics.counter("app.fetches").add(1, {"result": "ok"})
+        with messaging_span("send", "orders", operation_type="send", system="memory"):
+            log.info("fetched", value=value, also=also)
+        await limiter.aclose()
+
+        registry = HealthRegistry()
+        if config.redis_url:
+            registry.register("redis:ping", redis_check(config.redis_url))
+        report = await registry.check()
+        status: int = report.http_status
+        transient: bool = is_transient(TimeoutError())
+        log.info("health", status=status, transient=transient)
