@@ -45,7 +45,7 @@ def build_health_registry(
     config: CommunicationsConfig, *, timeout: float | None = None
 ) -> HealthRegistry:
     """The checks the configuration implies: one ``redis:<section>`` ping per Redis in use."""
-    registry = HealthRegistry()
+    registry = HealthRegistry(version=__version__, service_id=config.observability.service_name)
     per_check = timeout or config.observability.health_check_timeout
     urls: dict[str, str] = {}
     if config.events.backend == "redis" and config.events.redis_url:
