@@ -20,6 +20,7 @@ chained with ``raise ... from exc``, so callers never have to catch a vendor typ
     │   ├── InvalidPatternError         (also ValueError)   bad subscription pattern
     │   ├── EventSerializationError     (also ValueError)   data is not JSON-serialisable
     │   ├── EventTooLargeError          (also ValueError)   serialised event over the limit
+    │   ├── EventDecodeError                                a stream entry is not a valid event
     │   └── PublishTimeoutError         transient           a full backend stayed full
     └── WebSocketError                                      gateway sub-root
 
@@ -45,6 +46,7 @@ __all__ = [
     "CommunicationsError",
     "ConfigurationError",
     "DeliveryError",
+    "EventDecodeError",
     "EventError",
     "EventSerializationError",
     "EventTooLargeError",
@@ -164,6 +166,10 @@ class EventSerializationError(EventError, ValueError):
 
 class EventTooLargeError(EventError, ValueError):
     """A serialised event exceeds the configured ``max_event_bytes``."""
+
+
+class EventDecodeError(EventError):
+    """An entry found in a stream is not a valid event (written by something else, or corrupt)."""
 
 
 class PublishTimeoutError(EventError):

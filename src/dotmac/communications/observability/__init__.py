@@ -32,6 +32,9 @@ from .tracing import (
     span,
     use_tracer_provider,
 )
+from .tracing import (
+    is_active as is_tracing_active,
+)
 
 __all__ = [
     "HEALTH_CONTENT_TYPE",
@@ -52,6 +55,7 @@ __all__ = [
     "extract_context",
     "get_logger",
     "inject_context",
+    "is_tracing_active",
     "messaging_span",
     "metrics",
     "redact_secrets",

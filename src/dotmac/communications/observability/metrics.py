@@ -24,6 +24,8 @@ from opentelemetry import metrics as otel_metrics
 
 __all__ = [
     "PROMETHEUS_CONTENT_TYPE",
+    "BoundCounter",
+    "BoundHistogram",
     "Counter",
     "Histogram",
     "HistogramStats",
@@ -71,24 +73,45 @@ class _Instrument:
         self.unit = unit
         self.description = description
         self._otel: Any = None
+        # Histograms keep a mutable [count, sum, min, max] per attribute set: no allocation on
+        # the hot path; snapshot() turns it into HistogramStats.
         self._values: dict[_AttrKey, Any] = {}
 
     def _otel_instrument(self) -> Any:
         # Created lazily: nothing touches the meter provider at import time, and the API's proxy
         # meter forwards to a provider configured later.
-        if self._otel is None:
+        otel = self._otel
+        if otel is None:
             meter = otel_metrics.get_meter(METER_NAME, meter_provider=_meter_provider)
             create = {
                 "counter": meter.create_counter,
                 "up_down_counter": meter.create_up_down_counter,
                 "histogram": meter.create_histogram,
             }[self.kind]
-            self._otel = create(self.name, unit=self.unit, description=self.description)
-        return self._otel
+            otel = self._otel = create(self.name, unit=self.unit, description=self.description)
+        return otel
 
     @staticmethod
     def _key(attributes: Attributes | None) -> _AttrKey:
         return tuple(sorted(attributes.items())) if attributes else ()
+
+    def _add(self, amount: float, attributes: Attributes | None, key: _AttrKey) -> None:
+        self._otel_instrument().add(amount, attributes)
+        values = self._values
+        with _lock:
+            values[key] = values.get(key, 0) + amount
+
+    def _record(self, value: float, attributes: Attributes | None, key: _AttrKey) -> None:
+        self._otel_instrument().record(value, attributes)
+        with _lock:
+            stats = self._values.get(key)
+            if stats is None:
+                self._values[key] = [1, value, value, value]
+            else:
+                stats[0] += 1
+                stats[1] += value
+                stats[2] = min(stats[2], value)
+                stats[3] = max(stats[3], value)
 
 
 class Counter(_Instrument):
@@ -106,10 +129,14 @@ class Counter(_Instrument):
             return
         if amount < 0 or not math.isfinite(amount):
             raise ValueError(f"counter {self.name!r}: amount must be finite and >= 0, got {amount}")
-        self._otel_instrument().add(amount, attributes)
-        key = self._key(attributes)
-        with _lock:
-            self._values[key] = self._values.get(key, 0) + amount
+        self._add(amount, attributes, self._key(attributes))
+
+    def bind(self, attributes: Attributes | None = None) -> BoundCounter:
+        """Return this counter with ``attributes`` fixed, for hot paths (no per-call keying).
+
+        .. versionadded:: 0.1
+        """
+        return BoundCounter(self, attributes)
 
 
 class UpDownCounter(_Instrument):
@@ -121,10 +148,11 @@ class UpDownCounter(_Instrument):
         """Add ``amount`` (may be negative) for ``attributes``."""
         if not _enabled:
             return
-        self._otel_instrument().add(amount, attributes)
-        key = self._key(attributes)
-        with _lock:
-            self._values[key] = self._values.get(key, 0) + amount
+        self._add(amount, attributes, self._key(attributes))
+
+    def bind(self, attributes: Attributes | None = None) -> BoundCounter:
+        """Return this counter with ``attributes`` fixed, for hot paths."""
+        return BoundCounter(self, attributes, monotonic=False)
 
 
 class Histogram(_Instrument):
@@ -136,17 +164,58 @@ class Histogram(_Instrument):
         """Record ``value`` for ``attributes``."""
         if not _enabled:
             return
-        self._otel_instrument().record(value, attributes)
-        key = self._key(attributes)
-        with _lock:
-            old: HistogramStats | None = self._values.get(key)
-            self._values[key] = (
-                HistogramStats(1, value, value, value)
-                if old is None
-                else HistogramStats(
-                    old.count + 1, old.sum + value, min(old.min, value), max(old.max, value)
-                )
+        self._record(value, attributes, self._key(attributes))
+
+    def bind(self, attributes: Attributes | None = None) -> BoundHistogram:
+        """Return this histogram with ``attributes`` fixed, for hot paths."""
+        return BoundHistogram(self, attributes)
+
+
+class BoundCounter:
+    """A counter (or up-down counter) with its attributes fixed; see :meth:`Counter.bind`."""
+
+    __slots__ = ("_attributes", "_instrument", "_key", "_monotonic")
+
+    def __init__(
+        self, instrument: _Instrument, attributes: Attributes | None, *, monotonic: bool = True
+    ) -> None:
+        self._instrument = instrument
+        self._attributes = dict(attributes) if attributes else None
+        self._key = _Instrument._key(attributes)
+        self._monotonic = monotonic
+
+    def add(self, amount: float = 1) -> None:
+        """Add ``amount`` (>= 0 for a counter)."""
+        if not _enabled:
+            return
+        if self._monotonic and (amount < 0 or not math.isfinite(amount)):
+            raise ValueError(
+                f"counter {self._instrument.name!r}: amount must be finite and >= 0, got {amount}"
             )
+        self._instrument._add(amount, self._attributes, self._key)
+
+
+class BoundHistogram:
+    """A histogram with its attributes fixed; see :meth:`Histogram.bind`."""
+
+    __slots__ = ("_attributes", "_instrument", "_key")
+
+    def __init__(self, instrument: _Instrument, attributes: Attributes | None) -> None:
+        self._instrument = instrument
+        self._attributes = dict(attributes) if attributes else None
+        self._key = _Instrument._key(attributes)
+
+    def record(self, value: float) -> None:
+        """Record ``value``."""
+        if _enabled:
+            self._instrument._record(value, self._attributes, self._key)
+
+
+def _public(value: Any) -> float | HistogramStats:
+    # Histogram aggregates are mutable lists internally; callers get a frozen copy.
+    if isinstance(value, list):
+        return HistogramStats(value[0], value[1], value[2], value[3])
+    return float(value) if isinstance(value, float) else value
 
 
 def _get(kind: _Kind, cls: type[_Instrument], name: str, unit: str, description: str) -> Any:
@@ -186,7 +255,7 @@ def snapshot() -> dict[str, list[tuple[dict[str, Any], float | HistogramStats]]]
     """Return every recorded value: metric name → list of (attributes, value or stats)."""
     with _lock:
         return {
-            name: [(dict(key), val) for key, val in inst._values.items()]
+            name: [(dict(key), _public(val)) for key, val in inst._values.items()]
             for name, inst in _instruments.items()
             if inst._values
         }
@@ -283,7 +352,13 @@ def render_prometheus() -> str:
     """
     with _lock:
         items = [
-            (inst.kind, inst.name, inst.unit, inst.description, list(inst._values.items()))
+            (
+                inst.kind,
+                inst.name,
+                inst.unit,
+                inst.description,
+                [(key, _public(val)) for key, val in inst._values.items()],
+            )
             for inst in sorted(_instruments.values(), key=lambda i: i.name)
             if inst._values
         ]

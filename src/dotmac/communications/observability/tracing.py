@@ -27,6 +27,7 @@ __all__ = [
     "current_traceparent",
     "extract_context",
     "inject_context",
+    "is_active",
     "messaging_span",
     "set_tracing_enabled",
     "span",
@@ -66,6 +67,25 @@ def _tracer() -> Tracer:
         cached = (_provider, trace.get_tracer(TRACER_NAME, __version__, tracer_provider=_provider))
         _cached = cached
     return cached[1]
+
+
+def is_active() -> bool:
+    """Tell whether spans would be recorded: tracing is on and a real tracer provider is set.
+
+    Hot paths (publishing and handling events) check this once and skip span and context work
+    entirely when nothing would record it.
+    """
+    if not _enabled:
+        return False
+    provider = _provider
+    if provider is None:
+        # trace.get_tracer_provider() reads os.environ on every call while no provider is set
+        # (~2 us); the API's own global is checked first and the public call is the fallback.
+        if not hasattr(trace, "_TRACER_PROVIDER"):  # pragma: no cover - a future API layout
+            provider = trace.get_tracer_provider()
+        elif (provider := trace._TRACER_PROVIDER) is None:
+            return False
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 def set_tracing_enabled(enabled: bool) -> None:

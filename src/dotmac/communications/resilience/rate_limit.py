@@ -233,7 +233,7 @@ class RateLimiter:
 
     # The timeout is measured on the injected clock and refuses up front rather than cancelling
     # a wait, which asyncio.timeout (on the loop's real time) could not do.
-    async def acquire(self, tokens: float = 1, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def acquire(self, tokens: float = 1, timeout: float | None = None) -> None:
         """Take ``tokens``, waiting on the clock until the bucket has them.
 
         Args:

@@ -223,7 +223,7 @@ class RetryPolicy:
                         f"{self._label()}: deadline of {self.deadline}s passed during attempt "
                         f"{attempt}"
                     ) from exc
-                delay = self._next_delay(attempt, exc, clock, start)
+                delay = self.retry_delay(attempt, exc, elapsed=clock.monotonic() - start)
                 if delay is None:
                     raise
                 await self._before_retry(attempt, delay, exc, clock)
@@ -249,8 +249,22 @@ class RetryPolicy:
 
         return wrapper
 
-    def _next_delay(self, attempt: int, exc: Exception, clock: Clock, start: float) -> float | None:
-        """Return the wait before the next attempt, or ``None`` to give up."""
+    def retry_delay(
+        self, attempt: int, exc: BaseException, *, elapsed: float = 0.0
+    ) -> float | None:
+        """Decide what follows a failed attempt, for callers that run attempts themselves.
+
+        The event bus uses this to retry a handler without blocking other events.
+
+        Args:
+            attempt: The attempt that failed, counting from 1.
+            exc: What it raised.
+            elapsed: Seconds since the first attempt (for the deadline).
+
+        Returns:
+            Seconds to wait before the next attempt, or ``None`` to give up (``exc`` then has
+            a note saying why, unless it was not retryable at all).
+        """
         if not self.should_retry(exc):
             return None
         if attempt >= self.max_attempts:
@@ -266,7 +280,7 @@ class RetryPolicy:
                 )
                 return None
             delay = max(delay, retry_after)
-        if self.deadline is not None and clock.monotonic() - start + delay >= self.deadline:
+        if self.deadline is not None and elapsed + delay >= self.deadline:
             exc.add_note(
                 f"{self._label()}: gave up after {_attempts(attempt)}; waiting {delay:.3f}s "
                 f"would pass the {self.deadline}s deadline"

@@ -1,0 +1,79 @@
+"""``bus.dead_letters``: list, replay and purge events that exhausted their attempts."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable
+
+from .backends.base import DeadLetter, EventBackend
+
+__all__ = ["DeadLetters"]
+
+_ALL = 1_000_000
+
+
+class DeadLetters:
+    """The dead letters of one bus's backend (every group, every topic)."""
+
+    def __init__(self, backend: EventBackend) -> None:
+        self._backend = backend
+
+    async def list(
+        self, group: str | None = None, *, topic: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        """Return dead letters, newest first.
+
+        Args:
+            group: Only this consumer group's.
+            topic: Only this topic's.
+            limit: At most this many.
+
+        Raises:
+            ValueError: ``limit`` is below 1.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        return await self._backend.dead_letters(group=group, topic=topic, limit=limit)
+
+    async def _select(
+        self, entry_ids: Iterable[str] | None, group: str | None, topic: str | None
+    ) -> builtins.list[DeadLetter]:
+        letters = await self._backend.dead_letters(group=group, topic=topic, limit=_ALL)
+        if entry_ids is None:
+            return letters
+        wanted = set(entry_ids)
+        return [letter for letter in letters if letter.id in wanted]
+
+    async def replay(
+        self,
+        entry_ids: Iterable[str] | None = None,
+        *,
+        group: str | None = None,
+        topic: str | None = None,
+    ) -> int:
+        """Deliver dead letters again, each to the group that failed it only (attempt 1).
+
+        Args:
+            entry_ids: Ids from :meth:`list`; ``None`` replays every letter that matches the
+                filters.
+            group: Only this group's letters.
+            topic: Only this topic's letters.
+
+        Returns:
+            How many were replayed (and removed from the dead letters).
+        """
+        return await self._backend.replay(await self._select(entry_ids, group, topic))
+
+    async def purge(
+        self,
+        entry_ids: Iterable[str] | None = None,
+        *,
+        group: str | None = None,
+        topic: str | None = None,
+    ) -> int:
+        """Delete dead letters for good; same selection as :meth:`replay`.
+
+        Returns:
+            How many were deleted.
+        """
+        return await self._backend.purge(await self._select(entry_ids, group, topic))

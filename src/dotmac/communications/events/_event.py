@@ -1,0 +1,346 @@
+"""``Event``: a CloudEvents 1.0 event with the library's extensions, and its JSON codec.
+
+The wire form is one JSON object (orjson) holding the CloudEvents attributes (``specversion``,
+``id``, ``source``, ``type``, ``time``, ``datacontenttype``, ``subject``, ``data``) plus the
+extensions ``key``, ``tenantid``, ``correlationid``, ``causationid``, ``traceparent`` and
+``headers``. CloudEvents extension names are lower-case alphanumerics, hence ``tenantid``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time as _time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from dotmac.communications.errors import (
+    EventDecodeError,
+    EventError,
+    EventSerializationError,
+    EventTooLargeError,
+)
+
+from ._topics import validate_topic
+
+__all__ = ["DEFAULT_SOURCE", "Event", "dumps", "new_event_id"]
+
+DEFAULT_SOURCE = "/dotmac-communications"
+SPECVERSION = "1.0"
+_EXTENSIONS = (
+    ("key", "key"),
+    ("tenant_id", "tenantid"),
+    ("correlation_id", "correlationid"),
+    ("causation_id", "causationid"),
+    ("traceparent", "traceparent"),
+)
+_FIELDS = (
+    "type", "data", "id", "source", "time", "datacontenttype", "subject", "key", "tenant_id",
+    "correlation_id", "causation_id", "traceparent", "headers", "attempt",
+)  # fmt: skip
+
+# Event ids: a random per-process prefix plus a counter. Unique across processes (48 random
+# bits per process, re-drawn after fork) and ~7x cheaper than uuid4 on the publish hot path.
+_prefix = os.urandom(6).hex()
+_counter = itertools.count(1)
+
+
+def _reseed() -> None:
+    global _prefix, _counter  # noqa: PLW0603 -- per-process state must change after fork
+    _prefix = os.urandom(6).hex()
+    _counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
+def new_event_id() -> str:
+    """Return a new event id, unique across processes (24 hex characters)."""
+    return f"{_prefix}{next(_counter):012x}"
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def dumps(value: Any) -> bytes:
+    """Serialise ``value`` to JSON bytes (pydantic models become their JSON form).
+
+    Raises:
+        EventSerializationError: ``value`` contains something JSON cannot hold.
+    """
+    try:
+        return orjson.dumps(value, default=_default, option=orjson.OPT_UTC_Z)
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        raise EventSerializationError(f"event data is not JSON-serialisable: {exc}") from exc
+
+
+class Event:
+    """One event: CloudEvents 1.0 attributes plus routing and tracing extensions.
+
+    Args:
+        type: The topic (``orders.created``); CloudEvents ``type``.
+        data: JSON-serialisable payload (a pydantic model is dumped to JSON form).
+        id: Unique id; generated when omitted.
+        source: URI-reference of the producer (CloudEvents ``source``).
+        time: When it happened (aware datetime); now when omitted.
+        datacontenttype: Media type of ``data``.
+        subject: What the event is about within the source (CloudEvents ``subject``).
+        key: Ordering key: events with the same key are handled in order within a group.
+        tenant_id: Tenant the event belongs to.
+        correlation_id: Id shared by every event of one business flow.
+        causation_id: Id of the event that caused this one.
+        traceparent: W3C trace context of the producer.
+        headers: Further string headers.
+        attempt: Delivery attempt (1 on the first delivery; set by the bus).
+
+    Raises:
+        InvalidTopicError: ``type`` is not a valid topic.
+    """
+
+    __slots__ = (
+        "_data",
+        "_data_json",
+        "_dt",
+        "_ts",
+        "attempt",
+        "causation_id",
+        "correlation_id",
+        "datacontenttype",
+        "headers",
+        "id",
+        "key",
+        "source",
+        "subject",
+        "tenant_id",
+        "traceparent",
+        "type",
+    )
+
+    def __init__(
+        self,
+        type: str,
+        data: Any = None,
+        *,
+        id: str | None = None,
+        source: str = DEFAULT_SOURCE,
+        time: datetime | None = None,
+        datacontenttype: str = "application/json",
+        subject: str | None = None,
+        key: str | None = None,
+        tenant_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        traceparent: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        attempt: int = 1,
+    ) -> None:
+        self.type = validate_topic(type)
+        self._data = data
+        self._data_json: bytes | None = None
+        self.id = id or new_event_id()
+        self.source = source
+        # The datetime is built on first read: publishing never needs it on the memory backend.
+        self._dt = time
+        self._ts = _time.time() if time is None else 0.0
+        self.datacontenttype = datacontenttype
+        self.subject = subject
+        self.key = key
+        self.tenant_id = tenant_id
+        self.correlation_id = correlation_id
+        self.causation_id = causation_id
+        self.traceparent = traceparent
+        self.headers: dict[str, str] = dict(headers) if headers else {}
+        self.attempt = attempt
+
+    @property
+    def data(self) -> Any:
+        """The payload (JSON types, or a model instance after validation by a subscription)."""
+        return self._data
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        self._data = value
+        self._data_json = None
+
+    @property
+    def time(self) -> datetime:
+        """When the event happened (aware, UTC unless given otherwise)."""
+        dt = self._dt
+        if dt is None:
+            dt = self._dt = datetime.fromtimestamp(self._ts, UTC)
+        return dt
+
+    @time.setter
+    def time(self, value: datetime) -> None:
+        self._dt = value
+
+    @property
+    def topic(self) -> str:
+        """The topic (same as ``type``)."""
+        return self.type
+
+    def __repr__(self) -> str:
+        return (
+            f"Event(type={self.type!r}, id={self.id!r}, key={self.key!r}, attempt={self.attempt})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in _FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable value object
+
+    def data_json(self, *, max_bytes: int | None = None) -> bytes:
+        """Serialise ``data`` (once; the result is cached until ``data`` is replaced).
+
+        Args:
+            max_bytes: Refuse data whose JSON is larger than this.
+
+        Raises:
+            EventSerializationError: ``data`` is not JSON-serialisable.
+            EventTooLargeError: The JSON is larger than ``max_bytes``.
+        """
+        raw = self._data_json
+        if raw is None:
+            raw = self._data_json = dumps(self.data)
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise EventTooLargeError(
+                f"event {self.type!r} data is {len(raw)} bytes serialised; the limit is "
+                f"{max_bytes} (events.max_event_bytes)"
+            )
+        return raw
+
+    def copy_for_delivery(self, attempt: int) -> Event:
+        """Return an independent copy, as a consumer would decode it, with ``attempt`` set.
+
+        ``data`` goes through JSON, so a handler sees exactly what it would see on Redis and
+        cannot change what another group receives.
+        """
+        new = object.__new__(Event)
+        new.type = self.type
+        raw = self._data_json
+        new._data = orjson.loads(raw) if raw is not None else _json_copy(self._data)
+        new._data_json = raw
+        new.id = self.id
+        new.source = self.source
+        new._dt = self._dt
+        new._ts = self._ts
+        new.datacontenttype = self.datacontenttype
+        new.subject = self.subject
+        new.key = self.key
+        new.tenant_id = self.tenant_id
+        new.correlation_id = self.correlation_id
+        new.causation_id = self.causation_id
+        new.traceparent = self.traceparent
+        new.headers = dict(self.headers) if self.headers else {}
+        new.attempt = attempt
+        return new
+
+    # ------------------------------------------------------------------------------ codec
+    def to_cloudevent(self) -> dict[str, Any]:
+        """Return the structured-mode CloudEvents object (``time`` stays a datetime here)."""
+        out: dict[str, Any] = {
+            "specversion": SPECVERSION,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time,
+            "datacontenttype": self.datacontenttype,
+        }
+        if self.subject is not None:
+            out["subject"] = self.subject
+        for attr, ext in _EXTENSIONS:
+            value = getattr(self, attr)
+            if value is not None:
+                out[ext] = value
+        if self.headers:
+            out["headers"] = self.headers
+        if self.data is not None:
+            out["data"] = self.data
+        return out
+
+    def to_json(self, *, max_bytes: int | None = None) -> bytes:
+        """Serialise to structured-mode CloudEvents JSON bytes.
+
+        Args:
+            max_bytes: Refuse events whose ``data`` serialises to more than this.
+
+        Raises:
+            EventSerializationError: ``data`` or ``headers`` are not JSON-serialisable.
+            EventTooLargeError: The data is larger than ``max_bytes``.
+        """
+        envelope = self.to_cloudevent()
+        if self.data is not None:
+            # The data's JSON is reused when the bus already produced it.
+            envelope["data"] = orjson.Fragment(self.data_json(max_bytes=max_bytes))
+        return dumps(envelope)
+
+    @classmethod
+    def from_cloudevent(cls, obj: Mapping[str, Any], *, attempt: int = 1) -> Event:
+        """Build an event from a structured-mode CloudEvents JSON object.
+
+        Raises:
+            EventDecodeError: Required attributes are missing or of the wrong type, or the
+                specversion is not 1.0.
+        """
+        if obj.get("specversion") != SPECVERSION:
+            raise EventDecodeError(
+                f"unsupported CloudEvents specversion {obj.get('specversion')!r}"
+            )
+        headers = obj.get("headers") or {}
+        if not isinstance(headers, dict):
+            raise EventDecodeError(f"headers must be an object, got {type(headers).__name__}")
+        time_text = obj.get("time")
+        try:
+            return cls(
+                obj["type"],
+                obj.get("data"),
+                id=str(obj["id"]),
+                source=str(obj["source"]),
+                time=_parse_time(time_text) if time_text else None,
+                datacontenttype=obj.get("datacontenttype") or "application/json",
+                subject=obj.get("subject"),
+                headers=headers,
+                attempt=attempt,
+                **{attr: obj.get(ext) for attr, ext in _EXTENSIONS},
+            )
+        except (KeyError, TypeError, ValueError, EventError) as exc:
+            raise EventDecodeError(f"not a valid event: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, *, attempt: int = 1) -> Event:
+        """Parse structured-mode CloudEvents JSON.
+
+        Raises:
+            EventDecodeError: Not JSON, not an object, or not a valid event.
+        """
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise EventDecodeError(f"event is not valid JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise EventDecodeError(f"event JSON must be an object, got {type(obj).__name__}")
+        return cls.from_cloudevent(obj, attempt=attempt)
+
+
+def _json_copy(data: Any) -> Any:
+    if data is None or isinstance(data, str | int | float | bool):
+        return data
+    return orjson.loads(dumps(data))
+
+
+def _parse_time(text: Any) -> datetime:
+    if not isinstance(text, str):
+        raise EventDecodeError(f"time must be an RFC 3339 string, got {text!r}")
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise EventDecodeError(f"time must carry a UTC offset, got {text!r}")
+    return parsed

@@ -1,0 +1,403 @@
+"""One subscription's consumer loop: fetch, dispatch, handle, retry, dead-letter, acknowledge.
+
+Per subscription there is one fetch loop, ``concurrency`` workers, one acknowledgement flusher
+and one keepalive task. Events with the same ``key`` are handled one at a time in delivery order:
+while a key is busy (handling, or waiting to retry) its later events are parked behind it. A failed
+event waits for its retry on a timer, so backoff never blocks the rest of the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from dotmac.communications._clock import Clock
+from dotmac.communications.errors import CommunicationsError, ConfigurationError, EventDecodeError
+from dotmac.communications.observability import metrics, tracing
+from dotmac.communications.resilience import RetryPolicy
+
+from ._event import Event
+from ._topics import compile_pattern
+from .backends.base import Delivery, GroupConsumer, GroupId
+
+__all__ = ["Handler", "Subscription", "SubscriptionRunner"]
+
+log = logging.getLogger("dotmac.communications.events")
+
+Handler = Callable[[Event], Awaitable[Any]]
+"""An event handler: ``async def handle(event: Event) -> None``."""
+
+_CONSUMED = "messaging.client.consumed.messages"
+_PROCESS = "messaging.process.duration"
+_FAILURES = "dotmac.events.handler.failures"
+_DEAD = "dotmac.events.dead_letters"
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A handler subscribed to a pattern in a consumer group (see :meth:`EventBus.subscribe`)."""
+
+    pattern: str
+    group: str
+    handler: Handler
+    concurrency: int
+    retry: RetryPolicy
+    model: type[BaseModel] | None
+    max_in_flight: int
+
+    def __post_init__(self) -> None:
+        compile_pattern(self.pattern)
+        if not isinstance(self.group, str) or not self.group or "|" in self.group:
+            raise ConfigurationError(
+                f"subscribe({self.pattern!r}): group must be a non-empty string without '|', "
+                f"got {self.group!r}"
+            )
+        if not callable(self.handler):
+            raise ConfigurationError(
+                f"subscribe({self.pattern!r}): handler must be an async callable, "
+                f"got {self.handler!r}"
+            )
+        if not (inspect.iscoroutinefunction(self.handler) or _async_callable(self.handler)):
+            raise ConfigurationError(
+                f"subscribe({self.pattern!r}): handler {_name(self.handler)} must be "
+                "`async def` (it is awaited for every event)"
+            )
+        for value, name in (
+            (self.concurrency, "concurrency"),
+            (self.max_in_flight, "max_in_flight"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(
+                    f"subscribe({self.pattern!r}): {name} must be an int >= 1, got {value!r}"
+                )
+        if self.model is not None and not (
+            isinstance(self.model, type) and issubclass(self.model, BaseModel)
+        ):
+            raise ConfigurationError(
+                f"subscribe({self.pattern!r}): model must be a pydantic model class, "
+                f"got {self.model!r}"
+            )
+
+    @property
+    def group_id(self) -> GroupId:
+        """The backend's consumer group for this subscription."""
+        return GroupId(self.group, self.pattern)
+
+
+def _async_callable(obj: object) -> bool:
+    call = getattr(obj, "__call__", None)  # noqa: B004 -- an instance with an async __call__
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _name(handler: object) -> str:
+    return getattr(handler, "__qualname__", None) or repr(handler)
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this process and run: ``host-pid-random``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class SubscriptionRunner:
+    """Runs one :class:`Subscription` against one backend consumer."""
+
+    def __init__(
+        self,
+        sub: Subscription,
+        consumer: GroupConsumer,
+        *,
+        system: str,
+        clock: Clock,
+        claim_idle: float,
+        batch_size: int,
+        poll_interval: float,
+    ) -> None:
+        self.sub = sub
+        self.consumer = consumer
+        self._system = system
+        self._clock = clock
+        self._claim_idle = claim_idle
+        self._batch = batch_size
+        self._poll = poll_interval
+        self._in_flight: dict[str, Delivery] = {}
+        self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._busy_keys: dict[str, deque[Delivery]] = {}
+        self._acks: list[Delivery] = []
+        self._ack_wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._active = 0
+        self._timers: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.fetch_errors = 0
+        """Consecutive failed fetches (health turns ``fail`` while the backend is away)."""
+        self._attrs = {
+            "messaging.system": system,
+            "messaging.consumer.group.name": sub.group,
+        }
+
+    # ---------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the fetch loop, workers, acknowledgement flusher and keepalive."""
+        label = f"{self.sub.group}:{self.sub.pattern}"
+        self._fetch_task = asyncio.create_task(self._fetch_loop(), name=f"events-fetch {label}")
+        self._tasks = [
+            asyncio.create_task(self._worker(), name=f"events-worker {label}")
+            for _ in range(self.sub.concurrency)
+        ]
+        self._tasks.append(asyncio.create_task(self._ack_loop(), name=f"events-ack {label}"))
+        self._tasks.append(asyncio.create_task(self._keepalive_loop(), name=f"events-keep {label}"))
+
+    async def stop(self, timeout: float) -> None:
+        """Stop fetching, let handlers already fetched finish within ``timeout``, then stop.
+
+        What is left unacknowledged stays pending in its group for another consumer to claim.
+        """
+        self._stopping = True
+        if self._fetch_task is not None:
+            self._fetch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fetch_task
+        for timer in list(self._timers):
+            timer.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._active or not self._ready.empty():
+                    self._idle.clear()
+                    await self._idle.wait()
+        for task in self._tasks:
+            task.cancel()
+        for task in [*self._tasks, *self._timers]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush_acks()
+        with contextlib.suppress(CommunicationsError):
+            await self.consumer.close()
+
+    # -------------------------------------------------------------------------------- fetch
+    async def _fetch_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            room = self.sub.max_in_flight - len(self._in_flight)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                batch = await self.consumer.fetch(min(room, self._batch), self._poll)
+            except CommunicationsError as exc:
+                self.fetch_errors += 1
+                log.warning(
+                    "events: fetch for %s|%s failed (%s); retrying in %.2fs",
+                    self.sub.group, self.sub.pattern, exc, backoff,
+                )  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            self.fetch_errors = 0
+            backoff = 0.05
+            if batch:
+                self._dispatch(batch)
+
+    def _dispatch(self, batch: list[Delivery]) -> None:
+        now = time.monotonic()
+        counts: dict[str, int] = {}
+        for delivery in batch:
+            delivery.started = now
+            self._in_flight[delivery.entry_id] = delivery
+            counts[delivery.topic] = counts.get(delivery.topic, 0) + 1
+            key = delivery.event.key if delivery.event is not None else None
+            if key is not None:
+                parked = self._busy_keys.get(key)
+                if parked is not None:
+                    parked.append(delivery)
+                    continue
+                self._busy_keys[key] = deque()
+            self._ready.put_nowait(delivery)
+        consumed = metrics.counter(_CONSUMED, unit="{message}")
+        for topic, count in counts.items():
+            consumed.add(count, {**self._attrs, "messaging.destination.name": topic})
+
+    # ------------------------------------------------------------------------------ handling
+    async def _worker(self) -> None:
+        ready = self._ready
+        while True:
+            delivery = await ready.get()
+            self._active += 1
+            try:
+                await self._chain(delivery)
+            finally:
+                self._active -= 1
+                if not self._active and ready.empty():
+                    self._idle.set()
+
+    async def _chain(self, first: Delivery) -> None:
+        delivery: Delivery | None = first
+        while delivery is not None:
+            delay = await self._attempt(delivery)
+            if delay is not None:
+                self._schedule_retry(delivery, delay)
+                return  # the key stays busy until the retry settles it
+            delivery = self._next_for_key(delivery)
+
+    def _next_for_key(self, done: Delivery) -> Delivery | None:
+        key = done.event.key if done.event is not None else None
+        if key is None:
+            return None
+        parked = self._busy_keys.get(key)
+        if parked:
+            return parked.popleft()
+        self._busy_keys.pop(key, None)
+        return None
+
+    async def _attempt(self, delivery: Delivery) -> float | None:
+        """Run the handler once; return a retry delay, or None when the delivery is settled."""
+        sub = self.sub
+        event = delivery.event
+        if event is None:
+            await self._dead_letter(delivery, f"undecodable stream entry: {delivery.error}")
+            return None
+        if delivery.attempt > sub.retry.max_attempts:
+            await self._dead_letter(
+                delivery,
+                f"delivered {delivery.attempt} times, more than max_attempts="
+                f"{sub.retry.max_attempts} (consumers crashed or stalled while handling it)",
+            )
+            return None
+        if sub.model is not None and not isinstance(event.data, sub.model):
+            try:
+                event.data = sub.model.model_validate(event.data)
+            except ValidationError as exc:
+                await self._dead_letter(
+                    delivery, f"data does not match {sub.model.__name__}: {exc}"
+                )
+                return None
+        start = time.perf_counter()
+        try:
+            if tracing.is_active():
+                await self._traced(event)
+            else:
+                await sub.handler(event)
+        except Exception as exc:  # noqa: BLE001 -- a handler's failure is data: retry or dead-letter
+            return await self._failed(delivery, exc)
+        metrics.histogram(_PROCESS, unit="s").record(
+            time.perf_counter() - start,
+            {**self._attrs, "messaging.destination.name": delivery.topic},
+        )
+        self._settled(delivery)
+        self._acks.append(delivery)
+        self._ack_wakeup.set()
+        return None
+
+    async def _traced(self, event: Event) -> None:
+        carrier = {"traceparent": event.traceparent} if event.traceparent else {}
+        with tracing.messaging_span(
+            "process",
+            event.type,
+            operation_type="process",
+            system=self._system,
+            consumer_group=self.sub.group,
+            message_id=event.id,
+            context=tracing.extract_context(carrier),
+        ):
+            await self.sub.handler(event)
+
+    async def _failed(self, delivery: Delivery, exc: Exception) -> float | None:
+        attrs = {**self._attrs, "messaging.destination.name": delivery.topic,
+                 "error.type": type(exc).__qualname__}  # fmt: skip
+        metrics.counter(_FAILURES, unit="{message}").add(1, attrs)
+        elapsed = time.monotonic() - delivery.started
+        delay = self.sub.retry.retry_delay(delivery.attempt, exc, elapsed=elapsed)
+        if delay is None:
+            await self._dead_letter(delivery, f"{type(exc).__qualname__}: {exc}")
+            return None
+        log.info(
+            "events: handler %s failed on %s (attempt %d), retrying in %.3fs: %r",
+            _name(self.sub.handler), delivery.topic, delivery.attempt, delay, exc,
+        )  # fmt: skip
+        try:
+            await self.consumer.record_failure(delivery)
+        except CommunicationsError as err:
+            log.warning("events: could not record the failed attempt: %s", err)
+        return delay
+
+    def _schedule_retry(self, delivery: Delivery, delay: float) -> None:
+        timer = asyncio.create_task(self._retry_later(delivery, delay))
+        self._timers.add(timer)
+        timer.add_done_callback(self._timers.discard)
+
+    async def _retry_later(self, delivery: Delivery, delay: float) -> None:
+        await self._clock.sleep(delay)
+        delivery.attempt += 1
+        try:
+            # Decode afresh: the retry must not see what the failed attempt changed.
+            delivery.event = delivery.fresh_event()
+        except EventDecodeError as exc:  # pragma: no cover - it decoded the first time
+            delivery.event, delivery.error = None, str(exc)
+        self._ready.put_nowait(delivery)
+
+    async def _dead_letter(self, delivery: Delivery, error: str) -> None:
+        log.error(
+            "events: dead-lettering %s entry %s for group %s after %d attempt(s): %s",
+            delivery.topic, delivery.entry_id, self.sub.group, delivery.attempt, error,
+        )  # fmt: skip
+        try:
+            await self.consumer.dead_letter(delivery, error)
+        except CommunicationsError:
+            # Left pending: another consumer claims it and dead-letters it again.
+            log.exception("events: could not dead-letter %s", delivery.entry_id)
+        else:
+            attrs = {**self._attrs, "messaging.destination.name": delivery.topic}
+            metrics.counter(_DEAD, unit="{message}").add(1, attrs)
+        self._settled(delivery)
+
+    def _settled(self, delivery: Delivery) -> None:
+        self._in_flight.pop(delivery.entry_id, None)
+        self._room.set()
+
+    # ------------------------------------------------------------------------ acks, keepalive
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wakeup.wait()
+            self._ack_wakeup.clear()
+            if not await self._flush_acks():
+                await asyncio.sleep(0.5)  # backend away: keep the acks and try again
+
+    async def _flush_acks(self) -> bool:
+        batch, self._acks = self._acks, []
+        if not batch:
+            return True
+        try:
+            await self.consumer.ack(batch)
+        except CommunicationsError as exc:
+            log.warning("events: acknowledging %d events failed, will retry: %s", len(batch), exc)
+            self._acks[:0] = batch
+            self._ack_wakeup.set()
+            return False
+        return True
+
+    async def _keepalive_loop(self) -> None:
+        period = self._claim_idle / 3
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.monotonic() - period
+            held = [d for d in self._in_flight.values() if d.started <= cutoff]
+            if not held:
+                continue
+            try:
+                await self.consumer.keepalive(held)
+            except CommunicationsError as exc:
+                log.warning("events: keepalive failed: %s", exc)

@@ -1,0 +1,346 @@
+"""In-process backend with the consumer-group semantics of Redis Streams.
+
+Nothing leaves the process, but everything else behaves as on Redis: groups, pending entries,
+acknowledgement, claiming after ``claim_idle``, dead letters and replay. Queues are bounded:
+publishing into a full group waits (backpressure) and fails with
+:class:`~dotmac.communications.errors.PublishTimeoutError` after its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from dotmac.communications._clock import Clock, system_clock
+from dotmac.communications.errors import ConfigurationError, PublishTimeoutError
+from dotmac.communications.events._event import Event
+from dotmac.communications.events._topics import compile_pattern
+
+from .base import DeadLetter, Delivery, EventBackend, GroupConsumer, GroupId
+
+__all__ = ["MemoryBackend"]
+
+
+@dataclass(slots=True)
+class _Entry:
+    id: str
+    topic: str
+    template: Event
+
+
+@dataclass(slots=True)
+class _Pending:
+    entry: _Entry
+    consumer: str
+    delivered_at: float
+    deliveries: int
+    failures: int = 0
+
+
+class _Group:
+    __slots__ = ("available", "gid", "matcher", "pending", "queue", "space")
+
+    def __init__(self, gid: GroupId) -> None:
+        self.gid = gid
+        self.matcher: re.Pattern[str] = compile_pattern(gid.pattern)
+        self.queue: deque[_Entry] = deque()
+        self.pending: dict[str, _Pending] = {}
+        self.available = asyncio.Event()
+        self.space = asyncio.Event()
+        self.space.set()
+
+    def size(self) -> int:
+        return len(self.queue) + len(self.pending)
+
+
+class MemoryBackend(EventBackend):
+    """Events in this process only; the embedded default.
+
+    Several :class:`~dotmac.communications.events.EventBus` instances may share one backend:
+    they are then several consumers of the same groups, as separate processes are on Redis.
+
+    Args:
+        maxlen: Most entries a group holds (queued plus pending) before publishing waits.
+        dead_letter_maxlen: Most dead letters kept; the oldest go first.
+        claim_idle: Seconds a delivery may stay unacknowledged before another consumer of the
+            group claims it.
+        clock: Clock for idle times (claims).
+    """
+
+    system = "memory"
+
+    def __init__(
+        self,
+        *,
+        maxlen: int = 10_000,
+        dead_letter_maxlen: int = 10_000,
+        claim_idle: float = 30.0,
+        clock: Clock | None = None,
+    ) -> None:
+        if maxlen < 1 or dead_letter_maxlen < 1 or not claim_idle > 0:
+            raise ConfigurationError(
+                f"MemoryBackend: maxlen ({maxlen}) and dead_letter_maxlen "
+                f"({dead_letter_maxlen}) must be >= 1 and claim_idle ({claim_idle}) > 0"
+            )
+        self.maxlen = maxlen
+        self.claim_idle = claim_idle
+        self.clock = clock or system_clock
+        self._groups: dict[GroupId, _Group] = {}
+        self._by_topic: dict[str, list[_Group]] = {}
+        self._ids = itertools.count(1)
+        self._dead: deque[DeadLetter] = deque(maxlen=dead_letter_maxlen)
+        self._dead_ids = itertools.count(1)
+
+    async def start(self) -> None:
+        """Nothing to connect."""
+
+    async def close(self) -> None:
+        """Nothing to release; stored events stay for consumers of this backend object."""
+
+    async def ping(self) -> None:
+        """Always usable."""
+
+    async def declare_group(self, group: GroupId) -> None:
+        """Create the group; it receives matching events published from now on."""
+        self._group(group)
+
+    def _group(self, gid: GroupId) -> _Group:
+        group = self._groups.get(gid)
+        if group is None:
+            group = self._groups[gid] = _Group(gid)
+            self._by_topic.clear()
+        return group
+
+    def _matching(self, topic: str) -> list[_Group]:
+        groups = self._by_topic.get(topic)
+        if groups is None:
+            groups = [g for g in self._groups.values() if g.matcher.match(topic)]
+            self._by_topic[topic] = groups
+        return groups
+
+    async def publish(self, events: Sequence[Event], timeout: float) -> list[str]:
+        """Append to every matching group, waiting while one is full (all or nothing)."""
+        if len(events) == 1:
+            # Hot path: one event, room in every group.
+            event = events[0]
+            groups = self._by_topic.get(event.type)
+            if groups is None:
+                groups = self._matching(event.type)
+            maxlen = self.maxlen
+            for group in groups:
+                if len(group.queue) + len(group.pending) >= maxlen:
+                    break
+            else:
+                entry = _Entry(str(next(self._ids)), event.type, event)
+                for group in groups:
+                    group.queue.append(entry)
+                    group.available.set()
+                return [entry.id]
+        targets = [self._matching(event.type) for event in events]
+        await self._wait_for_space(targets, timeout)
+        ids = []
+        for event, groups in zip(events, targets, strict=True):
+            entry = _Entry(str(next(self._ids)), event.type, event)
+            ids.append(entry.id)
+            for group in groups:
+                group.queue.append(entry)
+                group.available.set()
+        return ids
+
+    async def _wait_for_space(self, targets: list[list[_Group]], timeout: float) -> None:
+        need: dict[_Group, int] = {}
+        for groups in targets:
+            for group in groups:
+                need[group] = need.get(group, 0) + 1
+        for group, count in need.items():
+            if count > self.maxlen:
+                raise PublishTimeoutError(
+                    f"batch puts {count} events in group {group.gid.key!r}, more than its "
+                    f"capacity of {self.maxlen} (events.maxlen)"
+                )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            full = [g for g, count in need.items() if g.size() + count > self.maxlen]
+            if not full:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise PublishTimeoutError(
+                    f"group {full[0].gid.key!r} stayed full ({self.maxlen} events) for "
+                    f"{timeout}s; its consumers are not keeping up"
+                )
+            full[0].space.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await full[0].space.wait()
+            except TimeoutError:
+                continue
+
+    def consumer(self, group: GroupId, name: str) -> GroupConsumer:
+        """A consumer of ``group`` (declared if new)."""
+        return _MemoryConsumer(self, self._group(group), name, self.claim_idle)
+
+    # -------------------------------------------------------------------------- dead letters
+    def _add_dead(self, group: _Group, pending: _Pending, attempts: int, error: str) -> None:
+        entry = pending.entry
+        self._dead.append(
+            DeadLetter(
+                id=str(next(self._dead_ids)),
+                topic=entry.topic,
+                group=group.gid.group,
+                pattern=group.gid.pattern,
+                error=error,
+                attempts=attempts,
+                time=datetime.fromtimestamp(self.clock.time(), UTC),
+                raw=entry.template.to_json(),
+                event=entry.template,
+            )
+        )
+
+    async def dead_letters(
+        self, *, group: str | None, topic: str | None, limit: int
+    ) -> list[DeadLetter]:
+        """Newest first."""
+        out: list[DeadLetter] = []
+        for letter in reversed(self._dead):
+            if (group is None or letter.group == group) and (
+                topic is None or letter.topic == topic
+            ):
+                out.append(letter)
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def replay(self, letters: Sequence[DeadLetter]) -> int:
+        """Queue each letter again in its own group only, then remove it."""
+        wanted = {letter.id for letter in letters}
+        replayed = 0
+        for letter in [d for d in self._dead if d.id in wanted]:
+            group = self._group(GroupId(letter.group, letter.pattern))
+            template = letter.event if letter.event is not None else Event.from_json(letter.raw)
+            entry = _Entry(str(next(self._ids)), letter.topic, template)
+            group.queue.append(entry)
+            group.available.set()
+            self._dead.remove(letter)
+            replayed += 1
+        return replayed
+
+    async def purge(self, letters: Sequence[DeadLetter]) -> int:
+        """Remove the given dead letters."""
+        wanted = {letter.id for letter in letters}
+        before = len(self._dead)
+        kept = [d for d in self._dead if d.id not in wanted]
+        self._dead.clear()
+        self._dead.extend(kept)
+        return before - len(self._dead)
+
+
+class _MemoryConsumer(GroupConsumer):
+    __slots__ = ("_backend", "_claim_idle", "_closed", "_group", "_last_scan", "_name")
+
+    def __init__(self, backend: MemoryBackend, group: _Group, name: str, claim_idle: float) -> None:
+        self._backend = backend
+        self._group = group
+        self._name = name
+        self._claim_idle = claim_idle
+        self._last_scan = backend.clock.monotonic()
+        self._closed = False
+
+    def _deliver(self, entry: _Entry, deliveries: int, failures: int) -> Delivery:
+        attempt = deliveries if deliveries > failures else failures + 1
+        template = entry.template
+        return Delivery(
+            entry.id, entry.topic, b"", template.copy_for_delivery(attempt), attempt,
+            template=template,
+        )  # fmt: skip
+
+    def _claim(self, count: int, now: float) -> list[Delivery]:
+        # Scanning the pending list costs O(pending), so it runs a few times per claim_idle.
+        if now - self._last_scan < self._claim_idle / 4:
+            return []
+        self._last_scan = now
+        out: list[Delivery] = []
+        for pending in self._group.pending.values():
+            if len(out) >= count:
+                break
+            if now - pending.delivered_at >= self._claim_idle:
+                pending.consumer = self._name
+                pending.delivered_at = now
+                pending.deliveries += 1
+                out.append(self._deliver(pending.entry, pending.deliveries, pending.failures))
+        return out
+
+    async def fetch(self, count: int, timeout: float) -> list[Delivery]:
+        """Claimed idle entries first, then new ones; waits up to ``timeout`` for either."""
+        group = self._group
+        clock = self._backend.clock
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._closed:
+            now = clock.monotonic()
+            out = self._claim(count, now)
+            queue = group.queue
+            pending = group.pending
+            while queue and len(out) < count:
+                entry = queue.popleft()
+                pending[entry.id] = _Pending(entry, self._name, now, 1)
+                out.append(self._deliver(entry, 1, 0))
+            if out:
+                return out
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            group.available.clear()
+            # Wake at least a few times per claim_idle so idle entries get claimed.
+            try:
+                async with asyncio.timeout(min(remaining, self._claim_idle / 4)):
+                    await group.available.wait()
+            except TimeoutError:
+                continue
+        return []
+
+    def _settle(self, delivery: Delivery) -> _Pending | None:
+        pending = self._group.pending
+        entry = pending.get(delivery.entry_id)
+        # Only the current owner settles: a claimer may have taken the entry over.
+        if entry is None or entry.consumer != self._name:
+            return None
+        del pending[delivery.entry_id]
+        self._group.space.set()
+        return entry
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove the deliveries from the pending list."""
+        for delivery in deliveries:
+            self._settle(delivery)
+
+    async def record_failure(self, delivery: Delivery) -> None:
+        """Remember the failed attempt for a future claimer."""
+        entry = self._group.pending.get(delivery.entry_id)
+        if entry is not None and entry.consumer == self._name:
+            entry.failures = max(entry.failures, delivery.attempt)
+
+    async def dead_letter(self, delivery: Delivery, error: str) -> None:
+        """Move to the dead letters and acknowledge."""
+        entry = self._settle(delivery)
+        if entry is not None:
+            self._backend._add_dead(self._group, entry, delivery.attempt, error)
+
+    async def keepalive(self, deliveries: Sequence[Delivery]) -> None:
+        """Reset the idle time of deliveries still being handled."""
+        now = self._backend.clock.monotonic()
+        for delivery in deliveries:
+            entry = self._group.pending.get(delivery.entry_id)
+            if entry is not None and entry.consumer == self._name:
+                entry.delivered_at = now
+
+    async def close(self) -> None:
+        """Stop fetching; what is pending stays claimable by the group's other consumers."""
+        self._closed = True
+        self._group.available.set()

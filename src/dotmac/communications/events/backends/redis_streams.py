@@ -1,0 +1,506 @@
+"""Redis Streams backend: consumer groups shared by every process on the same Redis.
+
+Keys (``P`` is ``stream_prefix``; every key of one topic shares the hash tag ``{P:<topic>}`` so a
+stream, its groups' failure counts and its dead letters can be changed in one transaction, and the
+same code runs on Redis Cluster):
+
+- ``{P:<topic>}`` — the stream; each entry has field ``e`` (the CloudEvents JSON) and, for a replay,
+  ``g`` (the only group that may handle it);
+- ``{P:<topic>}:dlq`` — dead letters of every group on that topic;
+- ``{P:<topic>}:failures:<group>`` — failed attempts per pending entry, so a claimer counts them;
+- ``P:topics`` — every topic ever published (consumers discover streams matching their pattern);
+- ``P:groups`` — when each group was first declared (its streams start there).
+
+Each group is a Redis consumer group named ``<group>|<pattern>`` on every matching stream, created
+at the group's declaration time, so it receives every event published after it was first declared
+— also on topics that appear later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from dotmac.communications._redis import create_redis_client, redis_errors, tagged_key
+from dotmac.communications.errors import ConfigurationError, EventDecodeError, OperationTimeoutError
+from dotmac.communications.events._event import Event
+from dotmac.communications.events._topics import compile_pattern
+
+from .base import DeadLetter, Delivery, EventBackend, GroupConsumer, GroupId
+
+__all__ = ["RedisStreamsBackend"]
+
+log = logging.getLogger("dotmac.communications.events")
+
+FAILURES_TTL_SECONDS = 7 * 24 * 3600
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class RedisStreamsBackend(EventBackend):
+    """Events in Redis Streams, consumed in consumer groups across processes.
+
+    Args:
+        url: Redis URL; or pass ``client``.
+        client: A ready asyncio client; the caller keeps ownership.
+        stream_prefix: Prefix of every key (no braces).
+        maxlen: Approximate cap on entries kept per stream (``XADD MAXLEN ~``); acknowledged
+            entries are trimmed earlier (``XTRIM MINID``).
+        dead_letter_maxlen: Approximate cap on dead letters per topic.
+        claim_idle: Seconds a delivery may stay unacknowledged before another consumer claims it.
+        discovery_interval: Seconds between looks for new topics matching a subscription.
+        trim_interval: Seconds between trims of acknowledged entries.
+
+    Raises:
+        ConfigurationError: Neither or both of ``url`` and ``client``; a bad number or prefix.
+    """
+
+    system = "redis"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: aioredis.Redis | None = None,
+        stream_prefix: str = "dotmac:events",
+        maxlen: int = 100_000,
+        dead_letter_maxlen: int = 10_000,
+        claim_idle: float = 30.0,
+        discovery_interval: float = 1.0,
+        trim_interval: float = 10.0,
+    ) -> None:
+        if (url is None) == (client is None):
+            raise ConfigurationError("RedisStreamsBackend: pass exactly one of url or client")
+        if not stream_prefix or "{" in stream_prefix or "}" in stream_prefix:
+            raise ConfigurationError(
+                f"RedisStreamsBackend: stream_prefix must be non-empty and brace-free, "
+                f"got {stream_prefix!r}"
+            )
+        if maxlen < 1 or dead_letter_maxlen < 1 or not claim_idle > 0:
+            raise ConfigurationError(
+                "RedisStreamsBackend: maxlen and dead_letter_maxlen must be >= 1 and "
+                f"claim_idle > 0 (got {maxlen}, {dead_letter_maxlen}, {claim_idle})"
+            )
+        if not discovery_interval > 0 or not trim_interval > 0:
+            raise ConfigurationError(
+                "RedisStreamsBackend: discovery_interval and trim_interval must be > 0"
+            )
+        self._owned = client is None
+        self.client: aioredis.Redis = (
+            client if client is not None else create_redis_client(url or "")
+        )
+        self.prefix = stream_prefix
+        self.maxlen = maxlen
+        self.dead_letter_maxlen = dead_letter_maxlen
+        self.claim_idle = claim_idle
+        self.discovery_interval = discovery_interval
+        self.trim_interval = trim_interval
+        self.topics_key = f"{stream_prefix}:topics"
+        self.groups_key = f"{stream_prefix}:groups"
+        self._known_topics: set[str] = set()
+
+    # ----------------------------------------------------------------------------------- keys
+    def stream_key(self, topic: str) -> str:
+        """The stream holding ``topic``'s events."""
+        return tagged_key(f"{self.prefix}:{topic}")
+
+    def dead_letter_key(self, topic: str) -> str:
+        """The stream holding ``topic``'s dead letters."""
+        return tagged_key(f"{self.prefix}:{topic}", "dlq")
+
+    def failures_key(self, topic: str, group: GroupId) -> str:
+        """The hash counting failed attempts of ``group``'s pending entries on ``topic``."""
+        return tagged_key(f"{self.prefix}:{topic}", "failures", group.key)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Check the connection."""
+        await self.ping()
+
+    async def close(self) -> None:
+        """Close the client if this backend created it."""
+        if self._owned:
+            await self.client.aclose()
+
+    async def ping(self) -> None:
+        """PING Redis; raise the mapped error when it does not answer."""
+        with redis_errors("events backend ping"):
+            await self.client.ping()
+
+    # -------------------------------------------------------------------------------- publish
+    async def publish(self, events: Sequence[Event], timeout: float) -> list[str]:
+        """XADD every event in one pipeline (not atomic across topics)."""
+        new_topics = {event.type for event in events} - self._known_topics
+        pipe = self.client.pipeline(transaction=False)
+        if new_topics:
+            pipe.sadd(self.topics_key, *new_topics)
+        for event in events:
+            pipe.xadd(
+                self.stream_key(event.type),
+                {"e": event.to_json()},
+                maxlen=self.maxlen,
+                approximate=True,
+            )
+        with redis_errors("events publish"):
+            try:
+                async with asyncio.timeout(timeout):
+                    results = await pipe.execute()
+            except TimeoutError as exc:
+                raise OperationTimeoutError(
+                    f"events publish: Redis did not answer within {timeout}s"
+                ) from exc
+        self._known_topics |= new_topics
+        return [_text(r) for r in results[1 if new_topics else 0 :]]
+
+    # --------------------------------------------------------------------------------- groups
+    async def declare_group(self, group: GroupId) -> None:
+        """Record when the group was first declared (Redis server time)."""
+        with redis_errors("events declare group"):
+            seconds, micros = await self.client.time()
+            await self.client.hsetnx(self.groups_key, group.key, seconds * 1000 + micros // 1000)
+
+    async def _group_start_id(self, group: GroupId) -> str:
+        with redis_errors("events declare group"):
+            created = await self.client.hget(self.groups_key, group.key)
+        if created is None:
+            await self.declare_group(group)
+            return await self._group_start_id(group)
+        # One millisecond of margin: an event published in the declaring millisecond counts.
+        return f"{max(int(created) - 1, 0)}-0"
+
+    async def matching_topics(self, pattern: str) -> list[str]:
+        """Known topics matching ``pattern``."""
+        matcher = compile_pattern(pattern)
+        with redis_errors("events topic discovery"):
+            members = await self.client.smembers(self.topics_key)
+        return sorted(t for t in map(_text, members) if matcher.match(t))
+
+    async def ensure_group_on(self, group: GroupId, topic: str) -> None:
+        """Create the Redis consumer group on ``topic``'s stream if it is not there yet."""
+        start = await self._group_start_id(group)
+        with redis_errors("events create group"):
+            try:
+                await self.client.xgroup_create(
+                    self.stream_key(topic), group.key, id=start, mkstream=True
+                )
+            except rexc.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def consumer(self, group: GroupId, name: str) -> GroupConsumer:
+        """A consumer called ``name`` in ``group``."""
+        return _RedisConsumer(self, group, name)
+
+    # -------------------------------------------------------------------------- dead letters
+    async def dead_letters(
+        self, *, group: str | None, topic: str | None, limit: int
+    ) -> list[DeadLetter]:
+        """Newest first, across topics."""
+        topics = [topic] if topic is not None else await self.matching_topics("#")
+        letters: list[DeadLetter] = []
+        for name in topics:
+            with redis_errors("events dead letters"):
+                rows: Any = await self.client.xrevrange(self.dead_letter_key(name), count=limit * 4)
+            for entry_id, fields in rows:
+                letter = _dead_letter(name, _text(entry_id), fields)
+                if group is None or letter.group == group:
+                    letters.append(letter)
+        letters.sort(key=lambda d: d.time, reverse=True)
+        return letters[:limit]
+
+    async def replay(self, letters: Sequence[DeadLetter]) -> int:
+        """Per letter, atomically: XADD it back for its group only and XDEL the dead letter."""
+        replayed = 0
+        for letter in letters:
+            gid = GroupId(letter.group, letter.pattern)
+            await self.ensure_group_on(gid, letter.topic)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xadd(
+                self.stream_key(letter.topic),
+                {"e": letter.raw, "g": gid.key},
+                maxlen=self.maxlen,
+                approximate=True,
+            )
+            pipe.xdel(self.dead_letter_key(letter.topic), letter.id)
+            with redis_errors("events replay"):
+                _, deleted = await pipe.execute()
+            replayed += int(deleted)
+        return replayed
+
+    async def purge(self, letters: Sequence[DeadLetter]) -> int:
+        """XDEL the given dead letters."""
+        by_topic: dict[str, list[str]] = defaultdict(list)
+        for letter in letters:
+            by_topic[letter.topic].append(letter.id)
+        removed = 0
+        for topic, ids in by_topic.items():
+            with redis_errors("events purge"):
+                removed += int(await self.client.xdel(self.dead_letter_key(topic), *ids))
+        return removed
+
+
+def _dead_letter(topic: str, entry_id: str, fields: dict[Any, Any]) -> DeadLetter:
+    data = {_text(k): v for k, v in fields.items()}
+    raw = data.get("e", b"")
+    raw = raw if isinstance(raw, bytes) else str(raw).encode()
+    try:
+        event: Event | None = Event.from_json(raw)
+    except EventDecodeError:
+        event = None
+    return DeadLetter(
+        id=entry_id,
+        topic=topic,
+        group=_text(data.get("group", b"")),
+        pattern=_text(data.get("pattern", b"")),
+        error=_text(data.get("error", b"")),
+        attempts=int(data.get("attempts", 0)),
+        time=datetime.fromtimestamp(int(data.get("time", 0)) / 1000, UTC),
+        raw=raw,
+        event=event,
+    )
+
+
+class _RedisConsumer(GroupConsumer):
+    def __init__(self, backend: RedisStreamsBackend, group: GroupId, name: str) -> None:
+        self._b = backend
+        self._group = group
+        self._name = name
+        self._matcher = compile_pattern(group.pattern)
+        self._streams: dict[str, str] = {}  # stream key -> topic
+        self._next_discovery = 0.0
+        self._next_claim = 0.0
+        self._next_trim = 0.0
+        self._claim_cursor: dict[str, str] = {}
+        self._closed = False
+
+    # ---------------------------------------------------------------------------- discovery
+    async def _discover(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_discovery:
+            return
+        self._next_discovery = now + self._b.discovery_interval
+        for topic in await self._b.matching_topics(self._group.pattern):
+            key = self._b.stream_key(topic)
+            if key not in self._streams:
+                await self._b.ensure_group_on(self._group, topic)
+                self._streams[key] = topic
+
+    # -------------------------------------------------------------------------------- fetch
+    async def fetch(self, count: int, timeout: float) -> list[Delivery]:
+        """Claim idle entries (now and then), else XREADGROUP new ones (blocking)."""
+        await self._discover()
+        claimed = await self._claim(count)
+        if claimed:
+            return claimed
+        await self._trim()
+        if not self._streams:
+            await asyncio.sleep(min(timeout, self._b.discovery_interval))
+            return []
+        block_ms = max(1, int(min(timeout, self._b.discovery_interval) * 1000))
+        streams: Any = dict.fromkeys(self._streams, ">")
+        with redis_errors("events fetch"):
+            try:
+                reply: Any = await self._b.client.xreadgroup(
+                    self._group.key, self._name, streams, count=count, block=block_ms
+                )
+            except rexc.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or group vanished (Redis restarted without persistence, or someone
+                # deleted the key): create the groups again on the next call.
+                log.warning("events: consumer group missing, recreating: %s", exc)
+                self._streams.clear()
+                self._next_discovery = 0.0
+                return []
+        out: list[Delivery] = []
+        foreign: dict[str, list[str]] = defaultdict(list)
+        for stream, entries in reply or ():
+            key = _text(stream)
+            topic = self._streams.get(key) or key
+            for entry_id, fields in entries:
+                delivery = self._delivery(topic, _text(entry_id), fields, 1, 0)
+                if delivery is None:
+                    foreign[key].append(_text(entry_id))
+                else:
+                    out.append(delivery)
+        if foreign:
+            await self._ack_ids(foreign)
+        return out
+
+    def _delivery(
+        self, topic: str, entry_id: str, fields: dict[Any, Any], deliveries: int, failures: int
+    ) -> Delivery | None:
+        raw = fields.get(b"e")
+        target = fields.get(b"g")
+        if target is not None and _text(target) != self._group.key:
+            return None  # a replay meant for another group
+        attempt = max(deliveries, failures + 1)
+        if not isinstance(raw, bytes):
+            return Delivery(entry_id, topic, b"", None, attempt, "stream entry has no 'e' field")
+        try:
+            return Delivery(entry_id, topic, raw, Event.from_json(raw, attempt=attempt), attempt)
+        except EventDecodeError as exc:
+            return Delivery(entry_id, topic, raw, None, attempt, str(exc))
+
+    async def _claim(self, count: int) -> list[Delivery]:
+        now = time.monotonic()
+        if now < self._next_claim or not self._streams:
+            return []
+        self._next_claim = now + self._b.claim_idle / 4
+        idle_ms = int(self._b.claim_idle * 1000)
+        out: list[Delivery] = []
+        for key, topic in list(self._streams.items()):
+            if len(out) >= count:
+                break
+            cursor = self._claim_cursor.get(key, "0-0")
+            with redis_errors("events claim"):
+                try:
+                    reply = await self._b.client.xautoclaim(
+                        key, self._group.key, self._name, idle_ms, cursor, count=count - len(out)
+                    )
+                except rexc.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    self._streams.pop(key, None)
+                    self._next_discovery = 0.0
+                    continue
+            cursor, entries = _text(reply[0]), reply[1]
+            deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+            self._claim_cursor[key] = cursor
+            if deleted:
+                # Trimmed by MAXLEN while pending: the event is gone; clear the pending list.
+                log.error(
+                    "events: %d pending entries of %s were trimmed before being handled "
+                    "(raise events.maxlen)",
+                    len(deleted),
+                    key,
+                )
+                await self._ack_ids({key: deleted})
+            if entries:
+                out.extend(await self._claimed(key, topic, entries))
+        return out
+
+    async def _claimed(self, key: str, topic: str, entries: list[Any]) -> list[Delivery]:
+        ids = [_text(entry_id) for entry_id, _ in entries]
+        failures_key = self._b.failures_key(topic, self._group)
+        with redis_errors("events claim"):
+            pending: Any = await self._b.client.xpending_range(
+                key, self._group.key, min=ids[0], max=ids[-1], count=len(ids) * 2,
+                consumername=self._name,
+            )  # fmt: skip
+            failed = await self._b.client.hmget(failures_key, ids)
+        counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        out = []
+        for (entry_id, fields), fails in zip(entries, failed, strict=True):
+            eid = _text(entry_id)
+            delivery = self._delivery(topic, eid, fields, counts.get(eid, 2), int(fails or 0))
+            if delivery is not None:
+                out.append(delivery)
+        return out
+
+    async def _trim(self) -> None:
+        now = time.monotonic()
+        if now < self._next_trim:
+            return
+        self._next_trim = now + self._b.trim_interval
+        for key in list(self._streams):
+            with redis_errors("events trim"):
+                groups = await self._b.client.xinfo_groups(key)
+                floor: tuple[int, int] | None = None
+                for info in groups:
+                    point = _id_key(_text(info["last-delivered-id"]))
+                    if int(info["pending"]):
+                        summary = await self._b.client.xpending(key, info["name"])
+                        point = min(point, _id_key(_text(summary["min"])))
+                    floor = point if floor is None else min(floor, point)
+                if floor is not None and floor > (0, 0):
+                    await self._b.client.xtrim(
+                        key, minid=f"{floor[0]}-{floor[1]}", approximate=True
+                    )
+
+    # ------------------------------------------------------------------------------ settle
+    async def _ack_ids(self, ids: dict[str, list[str]]) -> None:
+        pipe = self._b.client.pipeline(transaction=False)
+        for key, entry_ids in ids.items():
+            pipe.xack(key, self._group.key, *entry_ids)
+        with redis_errors("events ack"):
+            await pipe.execute()
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """XACK per stream in one pipeline; forget recorded failures."""
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        retried: dict[str, list[str]] = defaultdict(list)
+        for delivery in deliveries:
+            key = self._b.stream_key(delivery.topic)
+            by_stream[key].append(delivery.entry_id)
+            if delivery.attempt > 1:
+                retried[delivery.topic].append(delivery.entry_id)
+        pipe = self._b.client.pipeline(transaction=False)
+        for key, ids in by_stream.items():
+            pipe.xack(key, self._group.key, *ids)
+        for topic, ids in retried.items():
+            pipe.hdel(self._b.failures_key(topic, self._group), *ids)
+        with redis_errors("events ack"):
+            await pipe.execute()
+
+    async def record_failure(self, delivery: Delivery) -> None:
+        """HSET the failed attempt number (with a TTL so leftovers expire)."""
+        key = self._b.failures_key(delivery.topic, self._group)
+        pipe = self._b.client.pipeline(transaction=False)
+        pipe.hset(key, delivery.entry_id, delivery.attempt)
+        pipe.expire(key, FAILURES_TTL_SECONDS)
+        with redis_errors("events record failure"):
+            await pipe.execute()
+
+    async def dead_letter(self, delivery: Delivery, error: str) -> None:
+        """MULTI: XADD to the topic's dead letters, XACK, HDEL the failure count."""
+        seconds, micros = await self._b.client.time()
+        pipe = self._b.client.pipeline(transaction=True)
+        pipe.xadd(
+            self._b.dead_letter_key(delivery.topic),
+            {
+                "e": delivery.raw,
+                "group": self._group.group,
+                "pattern": self._group.pattern,
+                "error": error[:4000],
+                "attempts": delivery.attempt,
+                "time": seconds * 1000 + micros // 1000,
+                "entry": delivery.entry_id,
+            },
+            maxlen=self._b.dead_letter_maxlen,
+            approximate=True,
+        )
+        pipe.xack(self._b.stream_key(delivery.topic), self._group.key, delivery.entry_id)
+        pipe.hdel(self._b.failures_key(delivery.topic, self._group), delivery.entry_id)
+        with redis_errors("events dead letter"):
+            await pipe.execute()
+
+    async def keepalive(self, deliveries: Sequence[Delivery]) -> None:
+        """XCLAIM ... JUSTID to ourselves: resets the idle time without counting a delivery."""
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for delivery in deliveries:
+            by_stream[self._b.stream_key(delivery.topic)].append(delivery.entry_id)
+        pipe = self._b.client.pipeline(transaction=False)
+        for key, ids in by_stream.items():
+            pipe.xclaim(key, self._group.key, self._name, 0, list[Any](ids), justid=True)
+        with redis_errors("events keepalive"):
+            await pipe.execute()
+
+    async def close(self) -> None:
+        """Stop; pending entries stay for other consumers to claim after ``claim_idle``."""
+        self._closed = True
