@@ -94,3 +94,28 @@ def test_console_script_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith("dotmac-comms ")
+
+
+def test_health_names_each_distinct_redis(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sections pointing at different Redis servers get a check each (no name clash)."""
+    monkeypatch.setenv("DOTMAC_NOTIFICATIONS__REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("DOTMAC_WEBSOCKETS__REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    assert main(["health", "--timeout", "1"]) == 1
+    checks = json.loads(capsys.readouterr().out)["checks"]
+    assert set(checks) == {"redis:notifications", "redis:websockets"}
+
+
+def test_config_check_reports_warnings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """config check shows deprecation warnings and unknown DOTMAC_ names on stderr."""
+    monkeypatch.setenv("DOTMAC_SMTP_HOST", "old")
+    monkeypatch.setenv("DOTMAC_EVENTS_BACKEND", "redis")  # one underscore: a typo
+    (tmp_path / ".env").write_text("DOTMAC_WEBSOCKET__PORT=1\n")
+    assert main(["config", "check"]) == 0
+    err = capsys.readouterr().err
+    assert "DOTMAC_SMTP_HOST is deprecated" in err
+    assert "DOTMAC_EVENTS_BACKEND is not a dotmac-communications setting" in err
+    assert "DOTMAC_WEBSOCKET__PORT is not a dotmac-communications setting" in err

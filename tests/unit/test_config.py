@@ -11,7 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dotmac.communications import ConfigurationError
-from dotmac.communications._config_docs import env_example, env_variables, safe_dump
+from dotmac.communications._config_docs import (
+    env_example,
+    env_variables,
+    safe_dump,
+    unknown_variables,
+)
 from dotmac.communications.config import CommunicationsConfig, EventsSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,6 +236,7 @@ LEGACY_CASES = [
     ("DOTMAC_SMTP_HOST", "mail.old", ("notifications", "email", "host"), "mail.old"),
     ("DOTMAC_SMTP_PORT", "587", ("notifications", "email", "port"), 587),
     ("DOTMAC_SMTP_USE_TLS", "true", ("notifications", "email", "start_tls"), True),
+    ("DOTMAC_SMTP_USE_TLS", "false", ("notifications", "email", "start_tls"), False),
     ("DOTMAC_TWILIO_SID", "AC123", ("notifications", "sms", "twilio", "account_sid"), "AC123"),
     ("DOTMAC_APNS_KEY_ID", "KEY1", ("notifications", "push", "apns", "key_id"), "KEY1"),
     ("DOTMAC_APNS_KEY_FILE", "/k.p8", ("notifications", "push", "apns", "key_file"), Path("/k.p8")),
@@ -328,10 +334,91 @@ def test_legacy_names_in_dotenv(workdir: Path) -> None:
     assert config.notifications.email.host == "dotenv-host"
 
 
-def test_unknown_dotmac_name_in_dotenv_fails(workdir: Path) -> None:
-    """A misspelt DOTMAC_ variable in .env is an error, not silently ignored."""
+def test_unknown_dotmac_name_in_dotenv_is_ignored_and_reported(workdir: Path) -> None:
+    """A misspelt DOTMAC_ name in .env does not break start-up; unknown_variables names it."""
     (workdir / ".env").write_text("DOTMAC_EVENT__BACKEND=redis\n")
-    with pytest.raises(ConfigurationError, match="DOTMAC_EVENT__BACKEND"):
+    assert CommunicationsConfig().events.backend == "memory"
+    assert unknown_variables(environ={}, dotenv={"dotmac_event__backend": "redis"}) == [
+        "DOTMAC_EVENT__BACKEND"
+    ]
+    assert unknown_variables(environ={"DOTMAC_REDIS_URL": "x", "DOTMAC_SMTP_HOST": "h"}) == []
+
+
+def test_config_file_named_in_dotenv(workdir: Path) -> None:
+    """DOTMAC_CONFIG_FILE may be set in .env itself."""
+    (workdir / "comms.yaml").write_text("events:\n  maxlen: 77\n")
+    (workdir / ".env").write_text(f"DOTMAC_CONFIG_FILE={workdir / 'comms.yaml'}\n")
+    assert CommunicationsConfig().events.maxlen == 77
+
+
+def test_redis_password_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A password inside redis_url is masked in repr, JSON dumps and config show."""
+    monkeypatch.setenv("DOTMAC_REDIS_URL", "redis://:hunter2@cache:6379/0")
+    monkeypatch.setenv("DOTMAC_OBSERVABILITY__OTLP_ENDPOINT", "https://user:s3cret@otel:4318")
+    config = CommunicationsConfig()
+    for text in (repr(config), str(config), config.model_dump_json(), safe_dump(config),
+                 repr(config.events)):  # fmt: skip
+        assert "hunter2" not in text
+        assert "s3cret" not in text
+    assert config.events.redis_url == "redis://:hunter2@cache:6379/0"  # usable in code
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2@[::1/0", "redis://:hunter2@host:notaport/0", "ftp://:hunter2@h/0"]
+)
+def test_malformed_url_is_a_configuration_error_without_the_password(url: str) -> None:
+    """A URL that cannot even be parsed is a ConfigurationError that hides its password."""
+    with pytest.raises(ConfigurationError) as info:
+        CommunicationsConfig(redis_url=url)
+    assert "hunter2" not in str(info.value)
+    assert info.value.__cause__ is None
+
+
+def test_otlp_credentials_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad OTLP endpoint's credentials stay out of the error."""
+    monkeypatch.setenv("DOTMAC_OBSERVABILITY__OTLP_ENDPOINT", "grpc://user:s3cret@collector:4317")
+    with pytest.raises(ConfigurationError, match="OTLP_ENDPOINT") as info:
+        CommunicationsConfig()
+    assert "s3cret" not in str(info.value)
+
+
+def test_legacy_use_tls_gives_way_to_nested_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DOTMAC_SMTP_USE_TLS never conflicts with an explicit use_tls/start_tls."""
+    monkeypatch.setenv("DOTMAC_SMTP_USE_TLS", "true")
+    monkeypatch.setenv("DOTMAC_NOTIFICATIONS__EMAIL__USE_TLS", "true")
+    with pytest.deprecated_call():
+        email = CommunicationsConfig().notifications.email
+    assert (email.use_tls, email.start_tls) == (True, None)
+
+
+def test_legacy_use_tls_follows_the_resolved_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the nested port 465 the old TLS flag means implicit TLS."""
+    monkeypatch.setenv("DOTMAC_SMTP_USE_TLS", "true")
+    monkeypatch.setenv("DOTMAC_NOTIFICATIONS__EMAIL__PORT", "465")
+    with pytest.deprecated_call():
+        email = CommunicationsConfig().notifications.email
+    assert (email.use_tls, email.start_tls) == (True, None)
+
+
+def test_legacy_redis_parts_without_host_warn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REDIS_PORT/PASSWORD without REDIS_HOST are reported as ignored, not dropped silently."""
+    monkeypatch.setenv("DOTMAC_REDIS_PASSWORD", "pw")
+    with pytest.deprecated_call(), pytest.warns(UserWarning, match="DOTMAC_REDIS_HOST is not set"):
+        assert CommunicationsConfig().redis_url is None
+
+
+def test_error_names_the_legacy_variable_the_user_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad value from a flat variable is reported under that variable's name."""
+    monkeypatch.setenv("DOTMAC_SMTP_PORT", "abc")
+    with pytest.deprecated_call(), pytest.raises(ConfigurationError) as info:
+        CommunicationsConfig()
+    assert "DOTMAC_SMTP_PORT (deprecated; use DOTMAC_NOTIFICATIONS__EMAIL__PORT)" in str(info.value)
+
+
+def test_section_rule_names_the_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cross-field rule points at the section's variables."""
+    monkeypatch.setenv("DOTMAC_NOTIFICATIONS__EMAIL__USERNAME", "u")
+    with pytest.raises(ConfigurationError, match=r"DOTMAC_NOTIFICATIONS__EMAIL__\*"):
         CommunicationsConfig()
 
 
@@ -351,7 +438,11 @@ def test_old_config_shape_maps_with_warnings() -> None:
     assert config.events.backend == "redis"
     assert config.events.max_attempts == 3
     assert config.events.redis_url == "redis://r:6381/1"
-    assert any("notifications.max_attempts" in str(w.message) for w in record)
+    messages = [str(w.message) for w in record]
+    for old in ("notifications.retry_attempts", "notifications.retry_delay",
+                "websockets.heartbeat_interval", "websockets.message_size_limit",
+                "events.default_adapter", "events.max_retries", "config key redis"):  # fmt: skip
+        assert sum(old in m for m in messages) == 1, old
 
 
 def test_no_warning_without_legacy_input() -> None:

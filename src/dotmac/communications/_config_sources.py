@@ -22,6 +22,7 @@ from ._redis import redact_url
 from .errors import ConfigurationError
 
 __all__ = [
+    "EXTRA_KNOWN_ENV",
     "LEGACY_ENV",
     "REMOVAL_VERSION",
     "ConfigFileSource",
@@ -31,6 +32,7 @@ __all__ = [
     "deprecation_message",
     "legacy_redis_url",
     "rename_legacy_keys",
+    "replacement",
 ]
 
 REMOVAL_VERSION = "1.0"
@@ -43,7 +45,7 @@ LEGACY_ENV: dict[str, tuple[str, ...]] = {
     "DOTMAC_SMTP_PORT": ("notifications", "email", "port"),
     "DOTMAC_SMTP_USERNAME": ("notifications", "email", "username"),
     "DOTMAC_SMTP_PASSWORD": ("notifications", "email", "password"),
-    "DOTMAC_SMTP_USE_TLS": ("notifications", "email", "start_tls"),
+    "DOTMAC_SMTP_USE_TLS": ("notifications", "email", "legacy_use_tls"),
     "DOTMAC_TWILIO_SID": ("notifications", "sms", "twilio", "account_sid"),
     "DOTMAC_TWILIO_TOKEN": ("notifications", "sms", "twilio", "auth_token"),
     "DOTMAC_FCM_SERVER_KEY": ("notifications", "push", "fcm", "server_key"),
@@ -55,6 +57,20 @@ LEGACY_ENV: dict[str, tuple[str, ...]] = {
     "DOTMAC_REDIS_PASSWORD": ("redis_url",),
 }
 _LEGACY_LOWER = frozenset(name.lower() for name in LEGACY_ENV)
+# What to tell users to set instead, where the field path alone would mislead.
+_REPLACEMENT = {
+    "DOTMAC_SMTP_USE_TLS": "DOTMAC_NOTIFICATIONS__EMAIL__START_TLS (or __USE_TLS on port 465)",
+    **{name: "DOTMAC_REDIS_URL" for name, path in LEGACY_ENV.items() if path == ("redis_url",)},
+}
+# Variables the library reads that are not settings fields.
+EXTRA_KNOWN_ENV = frozenset({CONFIG_FILE_ENV, "DOTMAC_TEST_REDIS_URL", "DOTMAC_BENCH_REDIS_URL"})
+
+
+def replacement(legacy_name: str) -> str:
+    """The variable that replaces a deprecated flat one."""
+    return _REPLACEMENT.get(legacy_name) or "DOTMAC_" + "__".join(LEGACY_ENV[legacy_name]).upper()
+
+
 _SECRET_WORDS = ("password", "secret", "token", "key")
 
 
@@ -66,12 +82,25 @@ def deprecation_message(old: str, new: str, *, extra: str = "") -> str:
     return f"{text} {extra}" if extra else text
 
 
-def env_name(loc: tuple[str | int, ...]) -> str:
-    """Environment variable that sets the field at ``loc`` (``('events', 'backend')``)."""
-    parts = [str(p) for p in loc if isinstance(p, str)]
+def env_name(loc: tuple[str | int, ...], *, leaf: bool = True) -> str:
+    """Environment variable that sets the field at ``loc`` (``('events', 'backend')``).
+
+    When only a deprecated flat variable for that field is set, it is named instead, since it
+    is what the user wrote. ``leaf=False`` marks a whole section (``DOTMAC_EVENTS__*``).
+    """
+    parts = tuple(str(p) for p in loc if isinstance(p, str))
     if parts and parts[0].startswith("dotmac_"):
         return parts[0].upper()
-    return "DOTMAC_" + "__".join(parts).upper() if parts else "DOTMAC_*"
+    if not parts:
+        return "DOTMAC_*"
+    name = "DOTMAC_" + "__".join(parts).upper()
+    if not leaf:
+        return f"{name}__*"
+    if name not in os.environ:
+        for legacy, path in LEGACY_ENV.items():
+            if path == parts and legacy in os.environ:
+                return f"{legacy} (deprecated; use {replacement(legacy)})"
+    return name
 
 
 def configuration_error(exc: ValidationError) -> ConfigurationError:
@@ -82,9 +111,11 @@ def configuration_error(exc: ValidationError) -> ConfigurationError:
         path = ".".join(str(p) for p in loc) or "(whole config)"
         secret = any(word in str(p).lower() for p in loc for word in _SECRET_WORDS)
         shown = "" if err["type"] == "missing" or "input" not in err else err["input"]
+        # A model-level check (cross-field rule) reports the whole section.
+        leaf = not isinstance(shown, dict)
         if secret and shown != "":
             shown = "'***'"
-        elif isinstance(shown, str) and str(loc[-1] if loc else "").endswith("url"):
+        elif isinstance(shown, str) and "://" in shown:
             shown = repr(redact_url(shown))
         elif isinstance(shown, dict | list) or shown == "":
             shown = ""
@@ -92,7 +123,7 @@ def configuration_error(exc: ValidationError) -> ConfigurationError:
             shown = repr(shown)
         value = f" = {shown}" if shown else ""
         message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {path}{value}: {message} (set by {env_name(loc)})")
+        lines.append(f"  {path}{value}: {message} (set by {env_name(loc, leaf=leaf)})")
     count = len(lines)
     header = f"invalid configuration ({count} error{'s' if count != 1 else ''}):"
     return ConfigurationError("\n".join([header, *lines]))
@@ -169,7 +200,7 @@ class LegacyEnvSource(PydanticBaseSettingsSource):
         redis_parts: dict[str, str] = {}
         for name, value in self._values.items():
             path = LEGACY_ENV[name]
-            new = "DOTMAC_" + "__".join(path).upper()
+            new = replacement(name)
             extra = ""
             if name == "DOTMAC_FCM_SERVER_KEY":
                 extra = (
@@ -182,15 +213,19 @@ class LegacyEnvSource(PydanticBaseSettingsSource):
             if path == ("redis_url",):
                 redis_parts[name.removeprefix("DOTMAC_REDIS_").lower()] = value
                 continue
-            if name == "DOTMAC_SMTP_USE_TLS" and self._values.get("DOTMAC_SMTP_PORT") == "465":
-                # The old flag meant "use TLS": on port 465 implicit TLS, elsewhere STARTTLS.
-                path = ("notifications", "email", "use_tls")
             _set_path(data, path, value)
         if "DOTMAC_TWILIO_SID" in self._values:
             _set_path(data, ("notifications", "sms", "provider"), "twilio")
         url = legacy_redis_url(redis_parts, origin="DOTMAC_REDIS_HOST/PORT/DB/PASSWORD")
         if url is not None:
             data["redis_url"] = url
+        elif redis_parts:
+            warnings.warn(
+                f"{', '.join(sorted('DOTMAC_REDIS_' + k.upper() for k in redis_parts))} ignored: "
+                "DOTMAC_REDIS_HOST is not set (set DOTMAC_REDIS_URL instead)",
+                UserWarning,
+                stacklevel=2,
+            )
         return data
 
 
@@ -202,11 +237,12 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 class FilteredDotEnvSource(PydanticBaseSettingsSource):
-    """The ``.env`` source without legacy names and without variables that are not ours.
+    """The ``.env`` source, keeping only the settings' own fields.
 
-    Legacy names are read by :class:`LegacyEnvSource`; a host app's own variables (its
-    ``DATABASE_URL`` in the same ``.env``) are ignored. Unknown ``DOTMAC_*`` names are kept so
-    that a typo fails validation instead of being ignored.
+    Legacy names are read by :class:`LegacyEnvSource`, ``DOTMAC_CONFIG_FILE`` by
+    :class:`ConfigFileSource`; a host app's own variables (its ``DATABASE_URL``) and unknown
+    ``DOTMAC_*`` names are ignored here, as in the real environment, and
+    :func:`unknown_variables` reports the latter (``dotmac-comms config check``).
     """
 
     def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource) -> None:
@@ -232,15 +268,24 @@ class FilteredDotEnvSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         """Return the inner source's data without foreign and legacy names."""
         fields = self.settings_cls.model_fields
-        return {
-            key: value
-            for key, value in self._inner().items()
-            if key in fields or (key.startswith("dotmac_") and key not in _LEGACY_LOWER)
-        }
+        return {key: value for key, value in self._inner().items() if key in fields}
 
 
 class ConfigFileSource(PydanticBaseSettingsSource):
-    """A JSON or YAML file named by ``DOTMAC_CONFIG_FILE`` (nested like the config)."""
+    """A JSON or YAML file named by ``DOTMAC_CONFIG_FILE`` (nested like the config).
+
+    The variable is read from the environment, else from the ``.env`` file.
+    """
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], *, dotenv_values: Mapping[str, Any]
+    ) -> None:
+        super().__init__(settings_cls)
+        name = os.environ.get(CONFIG_FILE_ENV)
+        if name is None:
+            lowered = {k.lower(): v for k, v in dotenv_values.items()}
+            name = lowered.get(CONFIG_FILE_ENV.lower())
+        self._name = name
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         """Unused: :meth:`__call__` returns the whole file."""
@@ -252,7 +297,7 @@ class ConfigFileSource(PydanticBaseSettingsSource):
         Raises:
             ConfigurationError: The file is missing, unreadable, not JSON/YAML, or not a mapping.
         """
-        name = os.environ.get(CONFIG_FILE_ENV)
+        name = self._name
         if not name:
             return {}
         path = Path(name)

@@ -10,10 +10,14 @@ import argparse
 import asyncio
 import json
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+
+from dotenv import dotenv_values
 
 from . import __version__
-from ._config_docs import env_example, safe_dump
+from ._config_docs import env_example, safe_dump, unknown_variables
 from .config import CommunicationsConfig
 from .errors import ConfigurationError
 from .observability import HealthRegistry, redis_check
@@ -47,12 +51,18 @@ def build_health_registry(
     """The checks the configuration implies: one ``redis:<section>`` ping per Redis in use."""
     registry = HealthRegistry(version=__version__, service_id=config.observability.service_name)
     per_check = timeout or config.observability.health_check_timeout
+    # One check per distinct Redis: "redis:ping" for the shared one, "redis:<section>" for a
+    # section that points elsewhere.
     urls: dict[str, str] = {}
-    if config.events.backend == "redis" and config.events.redis_url:
-        urls.setdefault(config.events.redis_url, "redis:events")
-    for url in (config.notifications.redis_url, config.websockets.redis_url, config.redis_url):
+    sections = (
+        ("ping", config.redis_url),
+        ("events", config.events.redis_url if config.events.backend == "redis" else None),
+        ("notifications", config.notifications.redis_url),
+        ("websockets", config.websockets.redis_url),
+    )
+    for section, url in sections:
         if url:
-            urls.setdefault(url, "redis:ping")
+            urls.setdefault(url, f"redis:{section}")
     for url, name in urls.items():
         registry.register(name, redis_check(url, name=name), timeout=per_check)
     return registry
@@ -76,10 +86,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write(env_example())
         return EXIT_OK
     try:
-        config = CommunicationsConfig()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = CommunicationsConfig()
     except ConfigurationError as exc:
         _write(f"dotmac-comms: {exc}", err=True)
         return EXIT_USAGE
+    for item in caught:
+        _write(f"dotmac-comms: warning: {item.message}", err=True)
+    for name in unknown_variables(dotenv=dotenv_values(".env") if Path(".env").exists() else None):
+        _write(f"dotmac-comms: warning: {name} is not a dotmac-communications setting (ignored)",
+               err=True)  # fmt: skip
     if args.command == "config":
         if args.config_command == "show":
             _write(safe_dump(config))

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     SecretStr,
     ValidationError,
     field_validator,
@@ -36,7 +37,7 @@ from ._config_sources import (
     configuration_error,
     rename_legacy_keys,
 )
-from ._redis import validate_redis_url
+from ._redis import redact_url, validate_redis_url
 from .errors import ConfigurationError
 
 __all__ = [
@@ -67,8 +68,26 @@ _JWT_ALGORITHMS = frozenset(
 )  # fmt: skip
 
 
+def _masked_url(value: str) -> str:
+    return redact_url(value)
+
+
+# A URL that may carry a password: it serialises to JSON with the password masked (like
+# SecretStr does), and the models' repr masks it too; Python attribute access gives it whole.
+SecretURL = Annotated[str, PlainSerializer(_masked_url, when_used="json")]
+_URL_FIELDS = frozenset({"redis_url", "otlp_endpoint"})
+
+
+def _masked_repr_args(args: Any) -> Any:
+    for name, value in args:
+        yield name, (redact_url(value) if name in _URL_FIELDS and isinstance(value, str) else value)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    def __repr_args__(self) -> Any:
+        return _masked_repr_args(super().__repr_args__())
 
 
 def _check_redis_url(value: str | None) -> str | None:
@@ -99,7 +118,9 @@ class EventsSettings(_Section):
     backend: Literal["memory", "redis"] = Field(
         "memory", description="Event backend: memory (one process) or redis (Redis Streams)."
     )
-    redis_url: str | None = Field(None, description="Redis URL for events; defaults to redis_url.")
+    redis_url: SecretURL | None = Field(
+        None, description="Redis URL for events; defaults to redis_url."
+    )
     stream_prefix: str = Field(
         "dotmac:events", min_length=1, description="Prefix of stream keys (hash-tagged per topic)."
     )
@@ -109,7 +130,7 @@ class EventsSettings(_Section):
     )
     maxlen: int = Field(100_000, ge=1, description="Approximate cap on entries kept per stream.")
     max_event_bytes: int = Field(
-        1_048_576, ge=1, description="Largest serialised event accepted by publish, in bytes."
+        1_048_576, ge=1, description="Largest serialised event data (payload) publish accepts."
     )
     dead_letter_enabled: bool = Field(True, description="Keep failed events as dead letters.")
     dead_letter_maxlen: int = Field(10_000, ge=1, description="Approximate cap on dead letters.")
@@ -151,9 +172,18 @@ class EmailSettings(_Section):
     from_address: str | None = Field(None, description="Default From address.")
     timeout: PositiveSeconds = Field(30.0, description="Deadline for one send, in seconds.")
     pool_size: int = Field(5, ge=1, le=1000, description="SMTP connections kept open per server.")
+    legacy_use_tls: bool | None = Field(None, exclude=True, repr=False)
+    """The old ``DOTMAC_SMTP_USE_TLS`` flag, resolved once every source is merged."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        legacy, self.legacy_use_tls = self.legacy_use_tls, None
+        if legacy is not None and not self.use_tls and self.start_tls is None:
+            # The old flag meant "use TLS": implicit TLS on port 465, STARTTLS elsewhere.
+            if legacy and self.port == 465:
+                self.use_tls = True
+            else:
+                self.start_tls = legacy
         if self.use_tls and self.start_tls:
             raise ValueError("use_tls (implicit TLS) and start_tls cannot both be true")
         if (self.username is None) != (self.password is None):
@@ -234,7 +264,7 @@ class NotificationsSettings(_Section):
     idempotency_ttl_seconds: PositiveSeconds = Field(
         86_400.0, description="How long an idempotency key suppresses a repeat send."
     )
-    redis_url: str | None = Field(
+    redis_url: SecretURL | None = Field(
         None, description="Redis URL for idempotency, status and scheduling; defaults to redis_url."
     )
 
@@ -275,7 +305,7 @@ class WebSocketsSettings(_Section):
     send_buffer_limit: int = Field(
         1_048_576, ge=1024, description="Bytes buffered per slow client before it is disconnected."
     )
-    redis_url: str | None = Field(
+    redis_url: SecretURL | None = Field(
         None, description="Redis URL for cross-process fan-out; defaults to redis_url."
     )
 
@@ -318,7 +348,7 @@ class ObservabilitySettings(_Section):
     service_name: str = Field(
         "dotmac-communications", min_length=1, description="service.name of exported telemetry."
     )
-    otlp_endpoint: str | None = Field(
+    otlp_endpoint: SecretURL | None = Field(
         None,
         description="OTLP/HTTP base URL (also OTEL_EXPORTER_OTLP_ENDPOINT); unset: no export.",
     )
@@ -337,7 +367,7 @@ class ObservabilitySettings(_Section):
         if value is not None and (
             urlsplit(value).scheme not in {"http", "https"} or not urlsplit(value).hostname
         ):
-            raise ValueError(f"must be an http(s) URL, got {value!r}")
+            raise ValueError("must be an http(s) URL with a host")
         return value
 
 
@@ -400,7 +430,7 @@ class CommunicationsConfig(BaseSettings):
     log_format: Literal["json", "console"] | None = Field(
         None, description="Log format; unset: console in development, json elsewhere."
     )
-    redis_url: str | None = Field(
+    redis_url: SecretURL | None = Field(
         None, description="Shared Redis URL for every section that does not set its own."
     )
     events: EventsSettings = Field(default_factory=EventsSettings)
@@ -410,19 +440,26 @@ class CommunicationsConfig(BaseSettings):
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
 
     def __init__(self, **values: Any) -> None:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+        error: ConfigurationError | None = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
                 super().__init__(**values)
-        except ValidationError as exc:
-            raise configuration_error(exc) from exc
-        except SettingsError as exc:
-            raise ConfigurationError(f"invalid configuration: {exc}") from exc
-        # Re-issue deprecation warnings from the sources here so they point at the caller.
+            except ValidationError as exc:
+                error = configuration_error(exc)
+            except SettingsError as exc:
+                error = ConfigurationError(f"invalid configuration: {exc}")
+        # Re-issued here so they point at the caller, and also when the config is invalid.
         for item in caught:
             warnings.warn(item.message, item.category, stacklevel=2)
+        if error is not None:
+            # Not chained: pydantic's own message repeats every input value, secrets included.
+            raise error
 
     _check_url = field_validator("redis_url")(_check_redis_url)
+
+    def __repr_args__(self) -> Any:
+        return _masked_repr_args(super().__repr_args__())
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -434,9 +471,17 @@ class CommunicationsConfig(BaseSettings):
     def _legacy_shape(cls, data: Any) -> Any:
         # The old config took redis={"host":..., "port":..., "db":..., "password":...}.
         if isinstance(data, dict) and isinstance(data.get("redis"), dict):
-            from ._config_sources import legacy_redis_url  # noqa: PLC0415 -- rare legacy path
+            from ._config_sources import (  # noqa: PLC0415 -- rare legacy path
+                deprecation_message,
+                legacy_redis_url,
+            )
 
             data = dict(data)
+            warnings.warn(
+                deprecation_message("config key redis (host/port/db/password)", "redis_url"),
+                DeprecationWarning,
+                stacklevel=2,
+            )
             url = legacy_redis_url(data.pop("redis"), origin="CommunicationsConfig(redis=...)")
             if url is not None:
                 data.setdefault("redis_url", url)
@@ -474,5 +519,5 @@ class CommunicationsConfig(BaseSettings):
             env_settings,
             dotenv,
             LegacyEnvSource(settings_cls, dotenv_values=dotenv.raw_env_vars()),
-            ConfigFileSource(settings_cls),
+            ConfigFileSource(settings_cls, dotenv_values=dotenv.raw_env_vars()),
         )
