@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable
 
 import pytest
 
@@ -282,3 +283,71 @@ async def test_cancelling_check_cancels_running_checks(registry: HealthRegistry)
     with pytest.raises(asyncio.CancelledError):
         await running
     await asyncio.wait_for(cancelled.wait(), 1)
+
+
+async def test_sync_check_results_fail_instead_of_crashing(registry: HealthRegistry) -> None:
+    """A plain function returning a value, or raising, fails its check; the report still comes."""
+
+    def explodes() -> bool:
+        raise RuntimeError("no config")
+
+    registry.register("sync:value", lambda: True)  # type: ignore[arg-type,return-value]
+    registry.register("sync:raises", explodes)  # type: ignore[arg-type]
+    registry.register("app:ready", passing)
+    report = await registry.check()
+    assert report.status == "fail"
+    value = report.checks["sync:value"]
+    assert value.status == "fail"
+    assert value.output == (
+        "TypeError: health check 'sync:value' returned True, not an awaitable "
+        "(register an async function)"
+    )
+    assert report.checks["sync:raises"].output == "RuntimeError: no config"
+    assert report.checks["app:ready"].status == "pass"
+
+
+async def test_callables_returning_awaitables_are_checks(registry: HealthRegistry) -> None:
+    """A plain function returning a coroutine and an object with an async __call__ are checks."""
+
+    def ping() -> Awaitable[bool]:
+        return passing()
+
+    class Probe:
+        async def __call__(self) -> CheckResult:
+            return CheckResult("warn", "degraded")
+
+    registry.register("plain:ping", ping)
+    registry.register("object:probe", Probe())
+    report = await registry.check()
+    assert report.checks["plain:ping"].status == "pass"
+    assert report.checks["object:probe"].output == "degraded"
+
+
+def test_non_callable_check_is_rejected(registry: HealthRegistry) -> None:
+    """Registering something that cannot be called raises TypeError naming the check."""
+    with pytest.raises(TypeError, match="health check 'app:ready': check must be callable"):
+        registry.register("app:ready", True)  # type: ignore[arg-type]
+    assert registry.names == []
+
+
+async def test_check_raising_cancelled_error_fails_only_itself(registry: HealthRegistry) -> None:
+    """A check raising CancelledError (awaited or when called) fails; check() is not cancelled."""
+
+    async def gives_up() -> bool:
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError
+
+    def refuses() -> bool:
+        raise asyncio.CancelledError
+
+    registry.register("async:cancelled", gives_up)
+    registry.register("sync:cancelled", refuses)  # type: ignore[arg-type]
+    registry.register("app:ready", passing)
+    report = await registry.check()
+    assert report.status == "fail"
+    assert report.checks["async:cancelled"].status == "fail"
+    assert report.checks["async:cancelled"].output == "CancelledError: the check was cancelled"
+    assert report.checks["sync:cancelled"].status == "fail"
+    assert report.checks["sync:cancelled"].output is not None
+    assert report.checks["sync:cancelled"].output.startswith("CancelledError")
+    assert report.checks["app:ready"].status == "pass"

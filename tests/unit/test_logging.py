@@ -216,3 +216,65 @@ def test_bad_arguments_are_rejected(level: str, fmt: str, message: str) -> None:
     """An unknown format or level raises ValueError naming it."""
     with pytest.raises(ValueError, match=message):
         configure_logging(level, fmt, stream=io.StringIO())  # type: ignore[arg-type]
+
+
+def test_exception_text_is_scrubbed(out: io.StringIO) -> None:
+    """A URL password in an exception message is masked in the formatted traceback."""
+    try:
+        raise ConnectionError("cannot reach redis://:hunter2@cache:6379")
+    except ConnectionError:
+        get_logger("dotmac.test").exception("publish failed")
+    assert "hunter2" not in out.getvalue()
+    [line] = _lines(out)
+    assert "ConnectionError: cannot reach redis://:***@cache:6379" in line["exception"]
+
+
+def test_stdlib_exception_and_message_are_scrubbed(out: io.StringIO) -> None:
+    """A third-party logger's message and traceback lose URL passwords and secret pairs too."""
+    try:
+        raise OSError("login failed: password=hunter2")
+    except OSError as exc:
+        logging.getLogger("thirdparty.db").exception("lost redis://u:s3cr3t@db:6379/0: %s", exc)
+    text = out.getvalue()
+    assert "hunter2" not in text
+    assert "s3cr3t" not in text
+    [line] = _lines(out)
+    assert line["event"] == f"lost redis://u:***@db:6379/0: login failed: password={REDACTED}"
+    assert f"OSError: login failed: password={REDACTED}" in line["exception"]
+
+
+def test_exception_values_are_scrubbed(out: io.StringIO) -> None:
+    """An exception passed as a value is logged as its scrubbed "Type: message" text."""
+    error = ConnectionError("redis://:hunter2@cache:6379 refused")
+    get_logger("dotmac.test").warning("retrying", error=error)
+    [line] = _lines(out)
+    assert line["error"] == "ConnectionError: redis://:***@cache:6379 refused"
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://:p@ss@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("smtp://me@example.com:pw@smtp.host:587", "smtp://me@example.com:***@smtp.host:587"),
+        ("redis://cache:6379/0?client_name=a@b", "redis://cache:6379/0?client_name=a@b"),
+    ],
+)
+def test_url_password_ends_at_the_last_at_sign(out: io.StringIO, url: str, masked: str) -> None:
+    """Userinfo runs to the last '@' of the authority: passwords and user names may hold '@'."""
+    get_logger("dotmac.test").info("connecting", url=url)
+    [line] = _lines(out)
+    assert line["url"] == masked
+
+
+def test_console_exception_is_scrubbed() -> None:
+    """The console renderer's traceback is scrubbed as well."""
+    stream = io.StringIO()
+    configure_logging("INFO", "console", stream=stream)
+    try:
+        raise ConnectionError("cannot reach redis://:hunter2@cache:6379")
+    except ConnectionError:
+        get_logger("dotmac.test").exception("publish failed")
+    text = stream.getvalue()
+    assert "hunter2" not in text
+    assert "Traceback (most recent call last)" in text
+    assert "redis://:***@cache:6379" in text

@@ -7,7 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    NumberDataPoint,
+)
 
 from dotmac.communications.observability import metrics
 
@@ -153,3 +157,50 @@ def test_render_prometheus_is_empty_without_recordings() -> None:
     """Nothing recorded renders as an empty exposition."""
     metrics.counter("test.prom.unused")
     assert metrics.render_prometheus() == ""
+
+
+def _histogram_bounds(reader: InMemoryMetricReader) -> dict[str, list[float]]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    return {
+        m.name: list(point.explicit_bounds)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        for point in m.data.data_points
+        if isinstance(point, HistogramDataPoint)
+    }
+
+
+def test_seconds_histograms_use_the_semconv_buckets() -> None:
+    """A histogram in seconds is exported with the OTel conventions' buckets, not the ms ones."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    metrics.use_meter_provider(provider)
+    try:
+        metrics.histogram("test.metrics.buckets.s", unit="s").record(0.02)
+        metrics.histogram("test.metrics.buckets.ms", unit="ms").record(20)
+        bounds = _histogram_bounds(reader)
+    finally:
+        metrics.use_meter_provider(None)
+        provider.shutdown()
+    assert bounds["test.metrics.buckets.s"] == [
+        0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10
+    ]  # fmt: skip
+    # Other units keep the SDK's default buckets.
+    assert bounds["test.metrics.buckets.ms"][:3] == [0.0, 5.0, 10.0]
+
+
+def test_reusing_a_name_with_another_unit_raises() -> None:
+    """A name registered in seconds cannot come back in milliseconds."""
+    metrics.histogram("test.metrics.unit", unit="s")
+    with pytest.raises(ValueError, match="already registered with unit 's', not 'ms'"):
+        metrics.histogram("test.metrics.unit", unit="ms")
+    assert metrics.histogram("test.metrics.unit", unit="s").unit == "s"
+
+
+def test_render_prometheus_escapes_help_text() -> None:
+    """Backslashes and line feeds in a description are escaped in the HELP line."""
+    metrics.counter("test.prom.help", description="line one\nC:\\path").add(1)
+    text = metrics.render_prometheus()
+    assert "# HELP test_prom_help_total line one\\nC:\\\\path\n" in text

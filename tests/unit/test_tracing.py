@@ -212,3 +212,18 @@ def test_spans_nest_under_the_current_span(exporter: InMemorySpanExporter) -> No
     assert inner.parent is not None
     assert inner.parent.span_id == outer.get_span_context().span_id
     assert finished_outer.parent is None
+
+
+def test_failure_message_is_scrubbed_of_secrets(exporter: InMemorySpanExporter) -> None:
+    """A URL password in the exception reaches neither the span status nor its exception event."""
+    with pytest.raises(ConnectionError), span("notification.send"):
+        raise ConnectionError("cannot reach redis://:hunter2@cache:6379")
+    finished = _only(exporter)
+    assert finished.status.description == "ConnectionError: cannot reach redis://:***@cache:6379"
+    [event] = finished.events
+    attributes = dict(event.attributes or {})
+    assert attributes["exception.message"] == "cannot reach redis://:***@cache:6379"
+    assert attributes["exception.type"] == "ConnectionError"
+    stacktrace = str(attributes["exception.stacktrace"])
+    assert "ConnectionError: cannot reach redis://:***@cache:6379" in stacktrace
+    assert "hunter2" not in repr(finished.to_json())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -72,7 +73,12 @@ class CheckResult:
 
 
 CheckFunction = Callable[[], Awaitable["CheckResult | bool | None"]]
-"""An async check: returns a :class:`CheckResult`, ``True``/``None`` (pass) or ``False`` (fail)."""
+"""An async check: returns a :class:`CheckResult`, ``True``/``None`` (pass) or ``False`` (fail).
+
+Any callable returning an awaitable will do: an ``async def`` function, an object with an async
+``__call__``, or a plain function such as ``lambda: client.ping()``. A check that returns a plain
+value instead reports ``fail``: it ran synchronously, where its timeout could not bound it.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,15 +206,19 @@ class HealthRegistry:
 
         Args:
             name: ``component:measurement``, for example ``"redis:ping"``.
-            check: ``async () -> CheckResult | bool | None``, such as :func:`redis_check`'s.
+            check: ``async () -> CheckResult | bool | None``, such as :func:`redis_check`'s;
+                any callable returning an awaitable (see :data:`CheckFunction`).
             timeout: Seconds the check may take before it reports ``fail``.
             critical: Whether a failure fails the whole report (otherwise it only warns).
             component_type: Reported as ``componentType`` unless the result gives its own.
 
         Raises:
+            TypeError: ``check`` is not callable.
             ValueError: ``name`` is not ``component:measurement`` (one colon, no spaces) or is
                 already registered, or ``timeout`` is not positive.
         """
+        if not callable(check):
+            raise TypeError(f"health check {name!r}: check must be callable, got {check!r}")
         if not _NAME.match(name):
             raise ValueError(
                 f"health check name must be 'component:measurement' (one colon, no spaces), "
@@ -233,8 +243,10 @@ class HealthRegistry:
     async def check(self) -> HealthReport:
         """Run every check concurrently and aggregate the results.
 
-        Never raises because a check failed: a check that raises, returns ``False`` or
-        outlives its timeout reports ``fail``.
+        Never raises because of a check: a check that raises (when called or when awaited,
+        ``CancelledError`` included), returns ``False``, returns something other than an
+        awaitable or outlives its timeout reports ``fail``. Cancelling ``check()`` itself
+        cancels the checks still running and propagates.
 
         Returns:
             The report; its status is the worst of the critical checks, or ``warn`` when only
@@ -256,26 +268,7 @@ class HealthRegistry:
 
     async def _run(self, spec: _Registered) -> CheckOutcome:
         started = self._clock.monotonic()
-        task = asyncio.ensure_future(spec.check())
-        # asyncio.wait rather than a timeout around the await: a check that swallows
-        # cancellation must not hold the whole report past its own timeout.
-        try:
-            done, _ = await asyncio.wait({task}, timeout=spec.timeout)
-        finally:
-            # Timed out, or check() itself was cancelled: stop the check, collect it later.
-            if not task.done():
-                task.cancel()
-                task.add_done_callback(_consume)
-        result: CheckResult
-        if not done:
-            result = CheckResult("fail", f"timed out after {spec.timeout:g}s")
-        else:
-            try:
-                result = _normalise(task.result())
-            # A health check must report, not crash the report: whatever a check raises (a
-            # vendor error, a bug in host code) becomes that check's failure, with its type.
-            except Exception as exc:  # noqa: BLE001
-                result = CheckResult("fail", f"{type(exc).__name__}: {exc}")
+        result = await _outcome_of(spec)
         return CheckOutcome(
             name=spec.name,
             status=result.status,
@@ -288,6 +281,48 @@ class HealthRegistry:
             component_type=result.component_type or spec.component_type,
             component_id=result.component_id,
         )
+
+
+async def _outcome_of(spec: _Registered) -> CheckResult:
+    # A health check must report, not crash the report: whatever a check raises (a vendor error,
+    # a bug in host code), when called or when awaited, becomes that check's failure.
+    try:
+        # Typed as object: a check registered against its annotation may return anything.
+        awaitable: object = spec.check()
+    # Broad on purpose (see above). No await has run yet, so a CancelledError here was raised
+    # by the check, not by check() being cancelled.
+    except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001
+        return _failure(exc)
+    if not inspect.isawaitable(awaitable):
+        return CheckResult(
+            "fail",
+            f"TypeError: health check {spec.name!r} returned {awaitable!r}, not an awaitable "
+            f"(register an async function)",
+        )
+    task = asyncio.ensure_future(awaitable)
+    # asyncio.wait rather than a timeout around the await: a check that swallows
+    # cancellation must not hold the whole report past its own timeout.
+    try:
+        done, _ = await asyncio.wait({task}, timeout=spec.timeout)
+    finally:
+        # Timed out, or check() itself was cancelled: stop the check, collect it later.
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_consume)
+    if not done:
+        return CheckResult("fail", f"timed out after {spec.timeout:g}s")
+    if task.cancelled():
+        # check() was not cancelled (the wait returned): the check cancelled itself, or
+        # raised CancelledError. Reported, not propagated, so the report still comes back.
+        return CheckResult("fail", "CancelledError: the check was cancelled")
+    try:
+        return _normalise(task.result())
+    except Exception as exc:  # noqa: BLE001 -- see above: a failing check is reported
+        return _failure(exc)
+
+
+def _failure(exc: BaseException) -> CheckResult:
+    return CheckResult("fail", f"{type(exc).__name__}: {exc}")
 
 
 def _normalise(value: CheckResult | bool | None) -> CheckResult:

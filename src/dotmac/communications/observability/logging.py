@@ -7,12 +7,14 @@ library's logs in its own handlers (as ``"event key=value ..."`` lines). A host 
 structlog loggers and third-party stdlib loggers all come out as JSON (or console) lines with an
 ISO UTC timestamp, level, logger name, formatted exceptions, the current trace and span ids, and
 the context bound with :func:`bind_context` (``tenant_id``, ``channel``, ``event_id``,
-``notification_id``). :func:`redact_secrets` runs on every event, so secrets never reach a log.
+``notification_id``). :func:`redact_secrets` runs on every event, and the rendered traceback and
+stack are scrubbed the same way, so secrets never reach a log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 import sys
@@ -22,21 +24,18 @@ from typing import Any, Literal, TextIO
 import structlog
 from opentelemetry import trace
 from pydantic import SecretBytes, SecretStr
-from structlog.typing import EventDict, Processor, WrappedLogger
+from structlog.typing import EventDict, ExcInfo, Processor, WrappedLogger
+
+from ._scrub import REDACTED, SENSITIVE_WORDS, scrub_secrets
 
 __all__ = ["REDACTED", "bind_context", "configure_logging", "get_logger", "redact_secrets"]
 
-REDACTED = "[REDACTED]"
-"""What a secret is replaced with in a log event."""
-
 # A key is secret when one of its ``_``/``-``/``.`` separated words names a secret
 # (``jwt_secret``, ``access_token``, ``X-Api-Key``, ``Authorization``); ``tokens_left`` is not.
-_SECRET_KEY = re.compile(
-    r"(?:^|[_.-])(?:password|passwd|passphrase|pwd|secret|token|authorization|api[_-]?key"
-    r"|private[_-]?key|credentials?|cookie)(?:$|[_.-])"
-)
+_SECRET_KEY = re.compile(rf"(?:^|[_.-])(?:{SENSITIVE_WORDS})(?:$|[_.-])")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@")
+# Keys whose text is rendered after redact_secrets ran (format_exc_info, StackInfoRenderer).
+_RENDERED_KEYS = ("event", "exception", "stack")
 _MAX_DEPTH = 6
 # The library's own events travel to stdlib handlers under this LogRecord attribute.
 _STASH = "_dotmac_event"
@@ -51,8 +50,11 @@ def _secret_key(key: object) -> bool:
 def _scrub(value: Any, depth: int) -> Any:
     if isinstance(value, SecretStr | SecretBytes):
         return REDACTED
+    if isinstance(value, BaseException):
+        # ``log.warning("retrying", error=exc)``: rendered as its message, which may hold a URL.
+        value = f"{type(value).__qualname__}: {value}"
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\g<head>***@", value)
+        return scrub_secrets(value)
     if depth >= _MAX_DEPTH:
         return value
     if isinstance(value, dict):
@@ -70,8 +72,9 @@ def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDic
 
     Replaces pydantic ``SecretStr``/``SecretBytes`` values and the values of keys that name a
     secret (password, token, secret, authorization, api_key, private_key, credentials, cookie),
-    in nested dicts and lists too, with :data:`REDACTED`, and masks passwords in URLs
-    (``redis://:***@host``).
+    in nested dicts and lists too, with :data:`REDACTED`; in strings (the event message
+    included) masks passwords in URLs (``redis://:***@host``) and secret ``key=value`` pairs.
+    Exceptions given as values are rendered as scrubbed ``"Type: message"`` text.
     """
     for key, val in event_dict.items():
         if key.startswith("_") or key in {"exc_info", "stack_info"}:
@@ -81,6 +84,24 @@ def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDic
         else:
             event_dict[key] = _scrub(val, 0)
     return event_dict
+
+
+def _scrub_rendered(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    # The traceback and stack are rendered from objects after redact_secrets ran, and an
+    # exception message often quotes a connection URL: scrub the text that will be written.
+    for key in _RENDERED_KEYS:
+        text = event_dict.get(key)
+        if isinstance(text, str):
+            event_dict[key] = scrub_secrets(text)
+    return event_dict
+
+
+def _scrubbed_traceback(sio: TextIO, exc_info: ExcInfo) -> None:
+    # Plain rather than rich tracebacks in the console: rich prints local variables (which may
+    # hold secrets) and wraps long lines (which would split a URL before it is scrubbed).
+    buffer = io.StringIO()
+    structlog.dev.plain_traceback(buffer, exc_info)
+    sio.write(scrub_secrets(buffer.getvalue()))
 
 
 def _add_trace_ids(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
@@ -206,10 +227,16 @@ def configure_logging(
     if fmt == "json":
         final = [
             structlog.processors.format_exc_info,
+            _scrub_rendered,
             structlog.processors.JSONRenderer(sort_keys=False),
         ]
     else:
-        final = [structlog.dev.ConsoleRenderer(colors=_is_tty(out))]
+        final = [
+            _scrub_rendered,
+            structlog.dev.ConsoleRenderer(
+                colors=_is_tty(out), exception_formatter=_scrubbed_traceback
+            ),
+        ]
 
     structlog.configure(
         processors=[

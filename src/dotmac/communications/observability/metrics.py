@@ -53,6 +53,11 @@ _instruments: dict[str, _Instrument] = {}
 # Library-local provider (``configure_telemetry(..., set_global=False)``); None: the global one.
 _meter_provider: otel_metrics.MeterProvider | None = None
 
+# Bucket boundaries advised for histograms in seconds (the OTel semantic conventions' values).
+_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10
+)  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class HistogramStats:
@@ -83,12 +88,24 @@ class _Instrument:
         otel = self._otel
         if otel is None:
             meter = otel_metrics.get_meter(METER_NAME, meter_provider=_meter_provider)
-            create = {
-                "counter": meter.create_counter,
-                "up_down_counter": meter.create_up_down_counter,
-                "histogram": meter.create_histogram,
-            }[self.kind]
-            otel = self._otel = create(self.name, unit=self.unit, description=self.description)
+            if self.kind == "histogram":
+                # The SDK's default buckets are sized for milliseconds; durations in seconds get
+                # the buckets the OTel semantic conventions advise for them.
+                otel = meter.create_histogram(
+                    self.name,
+                    unit=self.unit,
+                    description=self.description,
+                    explicit_bucket_boundaries_advisory=(
+                        _SECONDS_BUCKETS if self.unit == "s" else None
+                    ),
+                )
+            elif self.kind == "counter":
+                otel = meter.create_counter(self.name, unit=self.unit, description=self.description)
+            else:
+                otel = meter.create_up_down_counter(
+                    self.name, unit=self.unit, description=self.description
+                )
+            self._otel = otel
         return otel
 
     @staticmethod
@@ -226,6 +243,11 @@ def _get(kind: _Kind, cls: type[_Instrument], name: str, unit: str, description:
             _instruments[name] = inst
     if inst.kind != kind:
         raise ValueError(f"metric {name!r} is already registered as a {inst.kind}, not a {kind}")
+    if inst.unit != unit:
+        # One name, one unit: the OTel SDK and Prometheus would otherwise mix seconds and ms.
+        raise ValueError(
+            f"metric {name!r} is already registered with unit {inst.unit!r}, not {unit!r}"
+        )
     return inst
 
 
@@ -233,20 +255,35 @@ def counter(name: str, *, unit: str = "1", description: str = "") -> Counter:
     """Return the counter called ``name``, creating it on first use.
 
     Raises:
-        ValueError: ``name`` is already registered as another kind of instrument.
+        ValueError: ``name`` is already registered as another kind of instrument or with
+            another unit.
     """
     result: Counter = _get("counter", Counter, name, unit, description)
     return result
 
 
 def up_down_counter(name: str, *, unit: str = "1", description: str = "") -> UpDownCounter:
-    """Return the up-down counter called ``name``, creating it on first use."""
+    """Return the up-down counter called ``name``, creating it on first use.
+
+    Raises:
+        ValueError: ``name`` is already registered as another kind of instrument or with
+            another unit.
+    """
     result: UpDownCounter = _get("up_down_counter", UpDownCounter, name, unit, description)
     return result
 
 
 def histogram(name: str, *, unit: str = "s", description: str = "") -> Histogram:
-    """Return the histogram called ``name``, creating it on first use."""
+    """Return the histogram called ``name``, creating it on first use.
+
+    With ``unit="s"`` the OTel histogram advises the semantic conventions' bucket boundaries for
+    seconds (5 ms to 10 s) instead of the SDK's millisecond-sized defaults; a view configured by
+    the host still takes precedence.
+
+    Raises:
+        ValueError: ``name`` is already registered as another kind of instrument or with
+            another unit.
+    """
     result: Histogram = _get("histogram", Histogram, name, unit, description)
     return result
 
@@ -369,7 +406,9 @@ def render_prometheus() -> str:
             base = f"{base}_total"
         prom_type = {"counter": "counter", "up_down_counter": "gauge", "histogram": "summary"}[kind]
         if description:
-            lines.append(f"# HELP {base} {description}")
+            # The exposition format escapes backslash and line feed in HELP text.
+            help_text = description.replace("\\", "\\\\").replace("\n", "\\n")
+            lines.append(f"# HELP {base} {help_text}")
         lines.append(f"# TYPE {base} {prom_type}")
         for key, val in values:
             attrs = dict(key)

@@ -5,13 +5,15 @@ Spans go to the global tracer provider (a host's own, or the one
 they cost almost nothing. Messaging spans are named ``"{operation} {destination}"`` and carry
 ``messaging.system``, ``messaging.operation.name``, ``messaging.operation.type``,
 ``messaging.destination.name``, ``messaging.consumer.group.name``, ``messaging.message.id`` and, on
-failure, ``error.type``. Trace context crosses process hops (event headers, the gateway's Redis
+failure, ``error.type`` (the exception's message on the span is scrubbed of secrets the way log
+lines are). Trace context crosses process hops (event headers, the gateway's Redis
 hop) as W3C ``traceparent`` through :func:`inject_context` and :func:`extract_context`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import traceback
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Literal, get_args
 
@@ -20,6 +22,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
+
+from ._scrub import scrub_secrets
 
 __all__ = [
     "TRACER_NAME",
@@ -137,11 +141,22 @@ def _start(
         except Exception as exc:
             # Marked here rather than by the SDK so that error.type is set as the conventions ask;
             # the exception propagates unchanged.
-            error_type = type(exc).__qualname__
-            current.record_exception(exc)
-            current.set_attribute("error.type", error_type)
-            current.set_status(Status(StatusCode.ERROR, f"{error_type}: {exc}"))
+            if current.is_recording():
+                _record_failure(current, exc)
             raise
+
+
+def _record_failure(current: Span, exc: Exception) -> None:
+    # An exception message often quotes a connection URL; the span gets the scrubbed text, as a
+    # log line does. record_exception's attributes override its own message and stacktrace.
+    error_type = type(exc).__qualname__
+    message = scrub_secrets(str(exc))
+    stacktrace = scrub_secrets("".join(traceback.format_exception(exc)))
+    current.record_exception(
+        exc, {"exception.message": message, "exception.stacktrace": stacktrace}
+    )
+    current.set_attribute("error.type", error_type)
+    current.set_status(Status(StatusCode.ERROR, f"{error_type}: {message}"))
 
 
 @contextlib.contextmanager
@@ -161,7 +176,8 @@ def messaging_span(
     """Run the block in a messaging span named ``"{operation_name} {destination}"``.
 
     An exception leaving the block is recorded on the span, which gets status ERROR and
-    ``error.type`` (the exception's class name); the exception propagates unchanged.
+    ``error.type`` (the exception's class name); its message and stack trace are recorded with
+    URL passwords and secret ``key=value`` pairs masked. The exception propagates unchanged.
 
     Args:
         operation_name: ``messaging.operation.name``, for example ``"publish"`` or ``"process"``.
