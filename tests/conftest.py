@@ -69,11 +69,14 @@ def redis_server_factory() -> Iterator[type[RedisServer]]:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees the developer's DOTMAC_*/OTEL_* variables; metrics start empty."""
+    """No test sees the developer's DOTMAC_*/OTEL_* variables; metrics and breakers start empty."""
+    from dotmac.communications.resilience import circuit_breakers
+
     for name in list(os.environ):
         if name.startswith(("DOTMAC_", "OTEL_")):
             monkeypatch.delenv(name)
     metrics.reset()
+    circuit_breakers.clear()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -32,15 +33,26 @@ class RedisServer:
 
     The port and data directory stay the same across restarts, so with ``appendonly=True`` a
     restarted server comes back with its data, the way a production restart would.
+    ``extra_args`` are appended to the command line (``["--requirepass", "secret"]``); with a
+    password set, give it as ``password`` too so that :meth:`start` can tell the server is up.
     """
 
-    def __init__(self, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        appendonly: bool = False,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        password: str | None = None,
+    ) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra_args = list(extra_args)
+        self.password = password
         self.dir = tempfile.mkdtemp(prefix="dotmac-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -63,10 +75,11 @@ class RedisServer:
             "--appendfsync", "always",
             "--daemonize", "no",
             "--loglevel", "warning",
+            *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         try:
             while True:
                 try:

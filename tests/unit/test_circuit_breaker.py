@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import settings
@@ -25,15 +25,6 @@ from dotmac.communications.resilience import (
     circuit_breakers,
 )
 from dotmac.communications.testing import FakeClock
-
-
-@pytest.fixture(autouse=True)
-def _fresh_globals() -> Iterator[None]:
-    metrics.reset()
-    circuit_breakers.clear()
-    yield
-    metrics.reset()
-    circuit_breakers.clear()
 
 
 async def ok() -> str:
@@ -170,8 +161,8 @@ async def test_cancelled_trial_releases_its_slot(clock: FakeClock) -> None:
     assert cb.state == "closed"
 
 
-async def test_lost_trials_do_not_leave_breaker_stuck(clock: FakeClock) -> None:
-    """Trials that never report stop blocking once the half-open period passes reset_timeout."""
+async def test_lost_trials_count_as_failures_and_reopen(clock: FakeClock) -> None:
+    """Trials unreported for reset_timeout count as failed: the breaker reopens, never sticks."""
     cb = breaker(clock)
     await trip(cb)
     clock.advance(10.0)
@@ -180,12 +171,64 @@ async def test_lost_trials_do_not_leave_breaker_stuck(clock: FakeClock) -> None:
     with pytest.raises(CircuitOpenError):
         cb.allow()
     clock.advance(1.0)
-    fresh = cb.allow()
-    assert fresh.is_trial
+    with pytest.raises(CircuitOpenError) as info:
+        cb.allow()
+    assert cb.state == "open"
+    assert info.value.retry_after == pytest.approx(10.0)
     assert not any(p.active for p in lost)
-    lost[0].record_failure()  # a late outcome of a written-off trial is ignored
-    fresh.record_success()
+    lost[0].record_success()  # a late outcome of a written-off trial is ignored
+    clock.advance(10.0)
     cb.allow().record_success()
+    cb.allow().record_success()
+    assert cb.state == "closed"
+
+
+async def test_lost_trial_is_written_off_alone(clock: FakeClock) -> None:
+    """Only a trial older than reset_timeout frees its slot; a younger one still counts."""
+    cb = breaker(clock)
+    await trip(cb)
+    clock.advance(10.0)
+    lost = cb.allow()
+    clock.advance(9.5)
+    young = cb.allow()
+    clock.advance(0.6)
+    with pytest.raises(CircuitOpenError):  # the lost trial's failure and `young` fill both slots
+        cb.allow()
+    assert not lost.active
+    assert young.active
+    snap = cb.snapshot()
+    assert (snap.calls, snap.failures, snap.half_open_in_flight) == (1, 1, 1)
+    young.record_failure()
+    assert cb.state == "open"
+
+
+async def test_trial_past_reset_timeout_counts_until_written_off(clock: FakeClock) -> None:
+    """A slow trial that reports before any call writes it off still decides the verdict."""
+    cb = breaker(clock)
+    await trip(cb)
+    clock.advance(10.0)
+    first, second = cb.allow(), cb.allow()
+    clock.advance(25.0)
+    first.record_success()
+    second.record_success()
+    assert cb.state == "closed"
+
+
+async def test_record_on_error_still_frees_the_trial_slot(clock: FakeClock) -> None:
+    """If record_on raises, its error propagates and the trial slot is released."""
+
+    def record_on(exc: BaseException) -> bool:
+        if isinstance(exc, KeyError):
+            raise RuntimeError("record_on bug")
+        return True
+
+    cb = breaker(clock, half_open_max_calls=1, record_on=record_on)
+    await trip(cb)
+    clock.advance(10.0)
+    with pytest.raises(RuntimeError, match="record_on bug"), cb.allow():
+        raise KeyError("x")
+    assert cb.snapshot().half_open_in_flight == 0
+    assert await cb.call(ok) == "ok"
     assert cb.state == "closed"
 
 
@@ -341,8 +384,17 @@ def test_default_registry_is_shared() -> None:
     assert circuit_breakers.get_or_create("push") is circuit_breakers.get_or_create("push")
 
 
+@dataclass
+class Held:
+    """A permit the state machine holds, and what the model knows about it."""
+
+    permit: Permit
+    period: int  # state changes seen before it was granted
+    deadline: float  # when the breaker may write it off as lost
+
+
 class BreakerMachine(RuleBasedStateMachine):
-    """Random successes, failures, cancellations and time; the breaker's invariants hold."""
+    """Random successes, failures, cancellations, lost calls and time; the invariants hold."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -355,33 +407,64 @@ class BreakerMachine(RuleBasedStateMachine):
             half_open_max_calls=2,
             clock=self.clock,
         )
-        self.held: list[Permit] = []
+        self.held: list[Held] = []
+        self.period = 0
         # Calls in the window at each closed -> open change (listener errors are only logged,
         # so the check happens in an invariant).
         self.calls_when_opened: list[int] = []
         self.cb.on_state_change(self.note_transition)
 
     def note_transition(self, change: StateChange) -> None:
+        self.period += 1
         if change.old == "closed" and change.new == "open":
             self.calls_when_opened.append(self.cb.snapshot().calls)
+
+    def grant(self) -> None:
+        permit = self.cb.allow()
+        now = self.clock.monotonic()
+        self.held.append(Held(permit, self.period, now + self.cb.reset_timeout))
+
+    def live_trials(self) -> list[Held]:
+        """Unreported trials of the current half-open period too young to be written off."""
+        now = self.clock.monotonic()
+        return [
+            h
+            for h in self.held
+            if h.permit.is_trial and h.period == self.period and now < h.deadline
+        ]
 
     @rule()
     def start_call(self) -> None:
         try:
-            self.held.append(self.cb.allow())
+            self.grant()
         except CircuitOpenError:
             assert self.cb.state in {"open", "half_open"}
 
     @precondition(lambda self: self.held)
     @rule(index=st.integers(min_value=0), outcome=st.sampled_from(["ok", "fail", "cancel"]))
     def finish_call(self, index: int, outcome: str) -> None:
-        permit = self.held.pop(index % len(self.held))
+        held = self.held[index % len(self.held)]
+        live = any(h is held for h in self.live_trials())
+        self.held.remove(held)
+        period, before = self.period, self.cb.snapshot()
         if outcome == "ok":
-            permit.record_success()
+            held.permit.record_success()
         elif outcome == "fail":
-            permit.record_failure()
+            held.permit.record_failure()
         else:
-            permit.release()
+            held.permit.release()
+        if not live:
+            return
+        after = self.cb.snapshot()
+        if outcome == "cancel":
+            assert after.half_open_in_flight == before.half_open_in_flight - 1
+        else:  # a counted trial's outcome is never dropped
+            assert self.period != period or after.calls == before.calls + 1
+
+    @precondition(lambda self: self.held)
+    @rule(index=st.integers(min_value=0))
+    def lose_call(self, index: int) -> None:
+        self.held.pop(index % len(self.held))  # never reports
 
     @rule(seconds=st.floats(min_value=0.0, max_value=15.0))
     def advance(self, seconds: float) -> None:
@@ -390,7 +473,14 @@ class BreakerMachine(RuleBasedStateMachine):
     @rule()
     def never_stuck(self) -> None:
         self.clock.advance(self.cb.reset_timeout)
-        self.held.append(self.cb.allow())
+        try:
+            self.grant()
+        except CircuitOpenError:  # lost trials, counted as failures, reopened it
+            retry_after = self.cb.snapshot().retry_after
+            assert self.cb.state == "open"
+            assert retry_after is not None
+            self.clock.advance(retry_after)
+            self.grant()
 
     @invariant()
     def state_is_known(self) -> None:
@@ -402,12 +492,13 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @invariant()
     def trials_are_bounded(self) -> None:
-        active_trials = sum(p.is_trial and p.active for p in self.held)
-        assert active_trials <= self.cb.half_open_max_calls
-        assert 0 <= self.cb.snapshot().half_open_in_flight <= self.cb.half_open_max_calls
+        live = self.live_trials()
+        in_flight = self.cb.snapshot().half_open_in_flight
+        assert len(live) <= in_flight <= self.cb.half_open_max_calls
+        assert all(h.permit.active for h in live)
         if self.cb.state != "half_open":
-            assert active_trials == 0
+            assert in_flight == 0
 
 
-BreakerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40)
+BreakerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40)
 test_breaker_state_machine = BreakerMachine.TestCase

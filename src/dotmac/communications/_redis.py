@@ -26,6 +26,15 @@ __all__ = [
 ]
 
 _SCHEMES = frozenset({"redis", "rediss", "unix"})
+_UNPARSEABLE = "<unparseable URL>"
+# Refused credentials or commands: retrying the same call never helps, although redis-py derives
+# AuthenticationError and AuthorizationError from its ConnectionError.
+_AUTH_ERRORS = (
+    rexc.AuthenticationError,
+    rexc.AuthenticationWrongNumberOfArgsError,
+    rexc.AuthorizationError,
+    rexc.NoPermissionError,
+)
 
 
 def validate_redis_url(url: str, *, field: str = "redis_url") -> str:
@@ -39,9 +48,17 @@ def validate_redis_url(url: str, *, field: str = "redis_url") -> str:
         The URL unchanged.
 
     Raises:
-        ConfigurationError: The scheme is not one of redis, rediss, unix, or the host is missing.
+        ConfigurationError: The URL cannot be parsed, its scheme is not one of redis, rediss,
+            unix, its host is missing or its port is not a number from 0 to 65535. The message
+            never contains the password.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # The message of urlsplit's error may quote the URL, password included.
+        raise ConfigurationError(
+            f"{field}: the Redis URL cannot be parsed (not shown: it may contain a password)"
+        ) from None
     if parts.scheme not in _SCHEMES:
         raise ConfigurationError(
             f"{field}: unsupported Redis URL scheme {parts.scheme!r} in {redact_url(url)!r}; "
@@ -49,12 +66,26 @@ def validate_redis_url(url: str, *, field: str = "redis_url") -> str:
         )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigurationError(f"{field}: Redis URL {redact_url(url)!r} has no host")
+    try:
+        parts.port  # noqa: B018 - parsed lazily; raises ValueError for a bad port
+    except ValueError:
+        raise ConfigurationError(
+            f"{field}: Redis URL {redact_url(url)!r} has a port that is not a number "
+            "from 0 to 65535"
+        ) from None
     return url
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
+    """Return ``url`` with its password replaced by ``***``; never raises.
+
+    A URL that cannot be parsed might hide a password anywhere, so it comes back as
+    ``"<unparseable URL>"``.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _UNPARSEABLE
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
@@ -119,11 +150,19 @@ def redis_errors(operation: str) -> Iterator[None]:
     Raises:
         OperationTimeoutError: The command timed out.
         BackendUnavailableError: The server could not be reached or the connection dropped.
-        BackendError: Redis answered with an error (for example a busy script or wrong type).
+        BackendError: Redis answered with an error (for example a busy script or wrong type),
+            or refused the credentials or the command (``transient=False``).
     """
     try:
         yield
-    except rexc.TimeoutError as exc:
+    except _AUTH_ERRORS as exc:
+        # Before ConnectionError: redis-py's AuthenticationError is one, but is not transient.
+        raise BackendError(
+            f"{operation}: Redis authentication or permission check failed: {exc}",
+            transient=False,
+        ) from exc
+    except (rexc.TimeoutError, TimeoutError) as exc:
+        # Before OSError: the built-in TimeoutError (asyncio.TimeoutError since 3.11) is one.
         raise OperationTimeoutError(f"{operation}: Redis timed out: {exc}") from exc
     except (rexc.ConnectionError, rexc.BusyLoadingError, ConnectionError, OSError) as exc:
         raise BackendUnavailableError(f"{operation}: Redis is unavailable: {exc}") from exc

@@ -7,9 +7,11 @@ States and transitions::
     half_open ──(all half_open_max_calls trials done; rates over threshold)──▶ open
     half_open ──(all half_open_max_calls trials done; rates under threshold)──▶ closed
 
-The breaker is never stuck in half-open: a trial that is cancelled releases its slot, and when a
-half-open period older than ``reset_timeout`` has all its slots taken by trials that never
-reported, the period starts afresh (the lost trials' late outcomes are ignored).
+The breaker is never stuck in half-open and never runs more than ``half_open_max_calls`` trials
+at once: a cancelled trial releases its slot, and a trial still unreported ``reset_timeout`` after
+it started is presumed lost and recorded as a failure (a call hanging that long is as bad a sign
+as an error) when the next call asks for permission. Its late outcome is then ignored; a trial not
+yet written off counts whenever it reports.
 
 A breaker belongs to one event loop and is not thread-safe; its bookkeeping never awaits.
 """
@@ -134,7 +136,8 @@ class Permit:
     Use it as a context manager (``with breaker.allow(): await send()``), which records a
     success, a failure (as ``record_on`` decides) or, on cancellation, a release; or call
     :meth:`record_success`, :meth:`record_failure` or :meth:`release` yourself. Only the first
-    report counts.
+    report counts; a half-open trial still unreported ``reset_timeout`` after it was granted is
+    recorded as failed by the breaker, and its own later report is ignored.
     """
 
     __slots__ = ("_breaker", "_done", "_generation", "_started", "is_trial")
@@ -152,7 +155,10 @@ class Permit:
     @property
     def active(self) -> bool:
         """Whether the permit is unreported and still counts for its breaker's current state."""
-        return not self._done and self._generation == self._breaker._generation
+        breaker = self._breaker
+        if self.is_trial:
+            return self in breaker._trials_out  # written-off and stale trials are not
+        return not self._done and self._generation == breaker._generation
 
     def record_success(self) -> None:
         """Report that the call succeeded (it may still count as slow)."""
@@ -186,10 +192,14 @@ class Permit:
             self.record_success()
         elif not isinstance(exc, Exception):  # CancelledError, KeyboardInterrupt: no verdict
             self.release()
-        elif self._breaker.record_on(exc):
-            self.record_failure()
         else:
-            self.record_success()
+            failed: bool | None = None
+            try:
+                failed = bool(self._breaker.record_on(exc))
+            finally:
+                if failed is None:  # record_on raised: free the (trial) slot, let its error out
+                    self.release()
+            self._finish(failed=failed)
 
 
 def _count(outcomes: Collection[_Outcome]) -> tuple[int, int, int]:
@@ -232,7 +242,8 @@ class CircuitBreaker:
         minimum_calls: Outcomes needed in the window before the rates are judged.
         window_size: Number of most recent outcomes kept (count-based sliding window).
         reset_timeout: Seconds the breaker stays open before admitting trial calls.
-        half_open_max_calls: Trial calls admitted per half-open period; all must report.
+        half_open_max_calls: Trial calls admitted per half-open period; each must report, or is
+            recorded as failed once unreported for ``reset_timeout``.
         slow_call_duration: Calls lasting longer (on ``clock``) count as slow; ``None``: never.
         slow_call_rate_threshold: Slow-call rate in (0, 1] at or above which the breaker opens.
         record_on: Decides which exceptions count as failures; default
@@ -286,8 +297,9 @@ class CircuitBreaker:
         self._generation = 0
         self._window: deque[_Outcome] = deque(maxlen=self.window_size)
         self._opened_at = 0.0
-        self._half_open_since = 0.0
-        self._in_flight = 0
+        # Trial permits of the current half-open period not yet reported nor written off, in
+        # the order granted, each with the time it will be presumed lost.
+        self._trials_out: dict[Permit, float] = {}
         self._trials: list[_Outcome] = []
 
     def __repr__(self) -> str:
@@ -323,6 +335,8 @@ class CircuitBreaker:
                 admitted) or every half-open trial slot is taken (``retry_after`` is ``None``).
         """
         now = self.clock.monotonic()
+        if self._state == "half_open":
+            self._write_off_lost_trials(now)  # may reopen the breaker
         if self._state == "open":
             remaining = self._opened_at + self.reset_timeout - now
             if remaining > 0:
@@ -330,16 +344,14 @@ class CircuitBreaker:
                 raise CircuitOpenError(self.name, retry_after=remaining)
             self._transition("half_open")
         if self._state == "half_open":
-            taken = self._in_flight + len(self._trials)
-            if taken >= self.half_open_max_calls:
-                if self._in_flight == 0 or now - self._half_open_since < self.reset_timeout:
-                    self._count_call("rejected")
-                    raise CircuitOpenError(self.name)
-                # Trials out for longer than reset_timeout are presumed lost: start afresh.
-                self._generation += 1
-                self._start_half_open(now)
-            self._in_flight += 1
-            return Permit(self, self._generation, now, trial=True)
+            if len(self._trials_out) + len(self._trials) >= self.half_open_max_calls:
+                self._count_call("rejected")
+                raise CircuitOpenError(self.name)
+            permit = Permit(self, self._generation, now, trial=True)
+            # Kept as a deadline rather than compared as `now - started`, so that a clock
+            # advanced by exactly reset_timeout always reaches it despite float rounding.
+            self._trials_out[permit] = now + self.reset_timeout
+            return permit
         return Permit(self, self._generation, now, trial=False)
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -404,7 +416,7 @@ class CircuitBreaker:
             slow_calls=slow,
             failure_rate=failures / calls if calls else 0.0,
             slow_call_rate=slow / calls if calls else 0.0,
-            half_open_in_flight=self._in_flight,
+            half_open_in_flight=len(self._trials_out),
             retry_after=retry_after,
         )
 
@@ -412,32 +424,34 @@ class CircuitBreaker:
         duration = self.clock.monotonic() - started
         slow = self.slow_call_duration is not None and duration > self.slow_call_duration
         self._count_call("failure" if failed else "success")
-        if permit._generation != self._generation:
-            return  # the state changed since the permit was granted; the outcome is stale
         if permit.is_trial:
-            self._in_flight -= 1
+            if self._trials_out.pop(permit, None) is None:
+                return  # stale: the half-open period it belonged to is over
             self._trials.append((failed, slow))
             if len(self._trials) >= self.half_open_max_calls:
                 self._transition("open" if self._over_threshold(self._trials) else "closed")
             return
+        if permit._generation != self._generation:
+            return  # the state changed since the permit was granted; the outcome is stale
         self._window.append((failed, slow))
         if len(self._window) >= self.minimum_calls and self._over_threshold(self._window):
             self._transition("open")
 
     def _release(self, permit: Permit) -> None:
-        if permit.is_trial and permit._generation == self._generation:
-            self._in_flight -= 1
+        self._trials_out.pop(permit, None)
+
+    def _write_off_lost_trials(self, now: float) -> None:
+        for permit, deadline in list(self._trials_out.items()):
+            if deadline > now or self._state != "half_open":
+                return  # granted in order, so later ones are younger; or a verdict was reached
+            permit._done = True  # the breaker reports for it; its own report comes too late
+            self._record(permit, failed=True, started=permit._started)
 
     def _over_threshold(self, outcomes: Collection[_Outcome]) -> bool:
         calls, failures, slow = _count(outcomes)
         return failures / calls >= self.failure_rate_threshold or (
             self.slow_call_duration is not None and slow / calls >= self.slow_call_rate_threshold
         )
-
-    def _start_half_open(self, now: float) -> None:
-        self._half_open_since = now
-        self._in_flight = 0
-        self._trials = []
 
     def _transition(self, new: CircuitState) -> None:
         old = self._state
@@ -446,16 +460,12 @@ class CircuitBreaker:
         now = self.clock.monotonic()
         self._state = new
         self._generation += 1
+        self._trials_out = {}
+        self._trials = []
         if new == "open":
             self._opened_at = now
-            self._in_flight = 0
-            self._trials = []
-        elif new == "half_open":
-            self._start_half_open(now)
-        else:
+        elif new == "closed":
             self._window.clear()
-            self._in_flight = 0
-            self._trials = []
         metrics.counter(_STATE_CHANGES, description="Circuit breaker state changes").add(
             1, {"name": self.name, "from": old, "to": new}
         )
