@@ -7,6 +7,7 @@ so the same code runs unchanged on Redis Cluster; when Cluster support lands,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -155,18 +156,37 @@ def redis_errors(operation: str) -> Iterator[None]:
     """
     try:
         yield
-    except _AUTH_ERRORS as exc:
+    except Exception as exc:
+        if _being_cancelled():
+            # redis-py may answer a cancellation mid-command with a connection error; turning
+            # that into a retryable error would swallow the cancellation and hang shutdowns.
+            raise asyncio.CancelledError(f"{operation}: cancelled") from exc
+        _translate(operation, exc)
+        raise
+
+
+def _being_cancelled() -> bool:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop: synchronous use
+        return False
+    return task is not None and task.cancelling() > 0
+
+
+def _translate(operation: str, exc: Exception) -> None:
+    """Raise the library's error for ``exc``; return for exceptions that are not Redis's."""
+    if isinstance(exc, _AUTH_ERRORS):
         # Before ConnectionError: redis-py's AuthenticationError is one, but is not transient.
         raise BackendError(
             f"{operation}: Redis authentication or permission check failed: {exc}",
             transient=False,
         ) from exc
-    except (rexc.TimeoutError, TimeoutError) as exc:
+    if isinstance(exc, rexc.TimeoutError | TimeoutError):
         # Before OSError: the built-in TimeoutError (asyncio.TimeoutError since 3.11) is one.
         raise OperationTimeoutError(f"{operation}: Redis timed out: {exc}") from exc
-    except (rexc.ConnectionError, rexc.BusyLoadingError, ConnectionError, OSError) as exc:
+    if isinstance(exc, rexc.ConnectionError | rexc.BusyLoadingError | ConnectionError | OSError):
         raise BackendUnavailableError(f"{operation}: Redis is unavailable: {exc}") from exc
-    except rexc.RedisError as exc:
+    if isinstance(exc, rexc.RedisError):
         # Read-only replicas, OOM and cluster re-sharding answers clear up on their own.
         transient = isinstance(exc, rexc.ReadOnlyError | rexc.TryAgainError) or str(exc).startswith(
             ("OOM", "LOADING", "MASTERDOWN")

@@ -104,6 +104,22 @@ def _name(handler: object) -> str:
     return getattr(handler, "__qualname__", None) or repr(handler)
 
 
+_TASK_GRACE = 2.0
+"""Seconds a cancelled background task gets to finish before it is abandoned."""
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]], grace: float) -> None:
+    # redis-py can swallow a cancellation that lands mid-command; the loops also check
+    # stopping(), and a task that still does not end within the grace period is abandoned.
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    _, pending = await asyncio.wait(tasks, timeout=grace)
+    for task in pending:
+        log.warning("events: task %s did not stop within %.1fs; abandoning it", task, grace)
+
+
 def consumer_name() -> str:
     """A consumer name unique to this process and run: ``host-pid-random``."""
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -165,32 +181,34 @@ class SubscriptionRunner:
         """Stop fetching, let handlers already fetched finish within ``timeout``, then stop.
 
         What is left unacknowledged stays pending in its group for another consumer to claim.
+        Every step is bounded: a task that ignores its cancellation is abandoned with a warning
+        rather than hanging the shutdown.
         """
         self._stopping = True
+        self._room.set()
+        self._ack_wakeup.set()
         if self._fetch_task is not None:
-            self._fetch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fetch_task
-        for timer in list(self._timers):
-            timer.cancel()
+            await _cancel_and_wait([self._fetch_task], _TASK_GRACE)
+        await _cancel_and_wait(list(self._timers), _TASK_GRACE)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while self._active or not self._ready.empty():
                     self._idle.clear()
                     await self._idle.wait()
-        for task in self._tasks:
-            task.cancel()
-        for task in [*self._tasks, *self._timers]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._flush_acks()
-        with contextlib.suppress(CommunicationsError):
-            await self.consumer.close()
+        await _cancel_and_wait(self._tasks, _TASK_GRACE)
+        with contextlib.suppress(TimeoutError, CommunicationsError):
+            async with asyncio.timeout(_TASK_GRACE):
+                await self._flush_acks()
+                await self.consumer.close()
+
+    def stopping(self) -> bool:
+        """True once :meth:`stop` has begun."""
+        return self._stopping
 
     # -------------------------------------------------------------------------------- fetch
     async def _fetch_loop(self) -> None:
         backoff = 0.05
-        while True:
+        while not self.stopping():
             room = self.sub.max_in_flight - len(self._in_flight)
             if room <= 0:
                 self._room.clear()
@@ -199,6 +217,8 @@ class SubscriptionRunner:
             try:
                 batch = await self.consumer.fetch(min(room, self._batch), self._poll)
             except CommunicationsError as exc:
+                if self.stopping():
+                    return
                 self.fetch_errors += 1
                 log.warning(
                     "events: fetch for %s|%s failed (%s); retrying in %.2fs",
@@ -370,7 +390,7 @@ class SubscriptionRunner:
 
     # ------------------------------------------------------------------------ acks, keepalive
     async def _ack_loop(self) -> None:
-        while True:
+        while not self.stopping():
             await self._ack_wakeup.wait()
             self._ack_wakeup.clear()
             if not await self._flush_acks():
@@ -391,7 +411,7 @@ class SubscriptionRunner:
 
     async def _keepalive_loop(self) -> None:
         period = self._claim_idle / 3
-        while True:
+        while not self.stopping():
             await asyncio.sleep(period)
             cutoff = time.monotonic() - period
             held = [d for d in self._in_flight.values() if d.started <= cutoff]
