@@ -414,7 +414,7 @@ class EventBus:
                 that fails goes to the dead letters without retries, and the handler gets the
                 model instance as ``event.data``.
             max_in_flight: Events fetched and not yet settled (default ``10 * concurrency``,
-                at least 100).
+                at least twice the bus's ``batch_size``).
 
         Returns:
             The :class:`Subscription` (direct form) or the decorator.
@@ -440,7 +440,7 @@ class EventBus:
                     name=f"events.{group}",
                 ),
                 model=model,
-                max_in_flight=max_in_flight or max(100, 10 * concurrency),
+                max_in_flight=max_in_flight or max(2 * self._batch_size, 10 * concurrency),
             )
             self._subscriptions.append(sub)
             if self._started:

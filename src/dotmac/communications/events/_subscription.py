@@ -145,6 +145,7 @@ class SubscriptionRunner:
         self._clock = clock
         self._claim_idle = claim_idle
         self._batch = batch_size
+        self._low_water = max(1, min(batch_size, sub.max_in_flight // 2))
         self._poll = poll_interval
         self._in_flight: dict[str, Delivery] = {}
         self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -208,9 +209,12 @@ class SubscriptionRunner:
     # -------------------------------------------------------------------------------- fetch
     async def _fetch_loop(self) -> None:
         backoff = 0.05
+        # Fetch again once there is room for a worthwhile batch, not after every settle: one
+        # free slot would otherwise mean one round trip per event.
+        low_water = self._low_water
         while not self.stopping():
             room = self.sub.max_in_flight - len(self._in_flight)
-            if room <= 0:
+            if room < low_water:
                 self._room.clear()
                 await self._room.wait()
                 continue
@@ -385,8 +389,10 @@ class SubscriptionRunner:
         self._settled(delivery)
 
     def _settled(self, delivery: Delivery) -> None:
-        self._in_flight.pop(delivery.entry_id, None)
-        self._room.set()
+        in_flight = self._in_flight
+        in_flight.pop(delivery.entry_id, None)
+        if self.sub.max_in_flight - len(in_flight) >= self._low_water:
+            self._room.set()
 
     # ------------------------------------------------------------------------ acks, keepalive
     async def _ack_loop(self) -> None:
