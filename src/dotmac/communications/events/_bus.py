@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
@@ -120,7 +120,7 @@ class EventBus:
             max_attempts=3, initial_delay=0.05, max_delay=0.5, retry_on=_retry_publish_errors,
             clock=self.clock, name="events.publish",
         )  # fmt: skip
-        self.dead_letters = DeadLetters(self.backend)
+        self.dead_letters = DeadLetters(self.backend, self._backend_opened)
         """List, replay and purge dead-lettered events."""
         self._batch_size = batch_size
         self._poll_interval = poll_interval
@@ -270,7 +270,9 @@ class EventBus:
         events = []
         for index, item in enumerate(items):
             try:
-                events.append(self._coerce(item))
+                event = self._coerce(item)
+                event.data_json(max_bytes=self.max_event_bytes)  # validate before sending any
+                events.append(event)
             except EventError as exc:
                 raise type(exc)(f"publish_many item {index}: {exc}") from exc
             except (KeyError, ValueError, TypeError) as exc:
@@ -486,6 +488,18 @@ class EventBus:
         )
         self._runners[sub] = runner
         runner.start()
+
+    @contextlib.asynccontextmanager
+    async def _backend_opened(self) -> AsyncIterator[None]:
+        # Dead-letter operations on a stopped bus open the backend for the call only.
+        if self._started:
+            yield
+            return
+        await self.backend.start()
+        try:
+            yield
+        finally:
+            await self.backend.close()
 
     async def start(self) -> None:
         """Connect the backend, declare every subscription's group and start consuming."""

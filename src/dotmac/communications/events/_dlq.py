@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 
 from .backends.base import DeadLetter, EventBackend
 
@@ -13,10 +15,19 @@ _ALL = 1_000_000
 
 
 class DeadLetters:
-    """The dead letters of one bus's backend (every group, every topic)."""
+    """The dead letters of one bus's backend (every group, every topic).
 
-    def __init__(self, backend: EventBackend) -> None:
+    Usable on a stopped bus too (an operator's script): the backend is then opened for the
+    call and closed after it.
+    """
+
+    def __init__(
+        self,
+        backend: EventBackend,
+        opened: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+    ) -> None:
         self._backend = backend
+        self._opened = opened or _nothing
 
     async def list(
         self, group: str | None = None, *, topic: str | None = None, limit: int = 100
@@ -33,7 +44,8 @@ class DeadLetters:
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        return await self._backend.dead_letters(group=group, topic=topic, limit=limit)
+        async with self._opened():
+            return await self._backend.dead_letters(group=group, topic=topic, limit=limit)
 
     async def _select(
         self, entry_ids: Iterable[str] | None, group: str | None, topic: str | None
@@ -62,7 +74,8 @@ class DeadLetters:
         Returns:
             How many were replayed (and removed from the dead letters).
         """
-        return await self._backend.replay(await self._select(entry_ids, group, topic))
+        async with self._opened():
+            return await self._backend.replay(await self._select(entry_ids, group, topic))
 
     async def purge(
         self,
@@ -76,4 +89,10 @@ class DeadLetters:
         Returns:
             How many were deleted.
         """
-        return await self._backend.purge(await self._select(entry_ids, group, topic))
+        async with self._opened():
+            return await self._backend.purge(await self._select(entry_ids, group, topic))
+
+
+@contextlib.asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield

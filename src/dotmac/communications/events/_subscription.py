@@ -220,10 +220,13 @@ class SubscriptionRunner:
                 continue
             try:
                 batch = await self.consumer.fetch(min(room, self._batch), self._poll)
-            except CommunicationsError as exc:
+            except Exception as exc:
                 if self.stopping():
                     return
                 self.fetch_errors += 1
+                if not isinstance(exc, CommunicationsError):
+                    log.exception("events: unexpected error fetching for %s|%s",
+                                  self.sub.group, self.sub.pattern)  # fmt: skip
                 log.warning(
                     "events: fetch for %s|%s failed (%s); retrying in %.2fs",
                     self.sub.group, self.sub.pattern, exc, backoff,

@@ -30,7 +30,12 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from dotmac.communications._redis import create_redis_client, redis_errors, tagged_key
-from dotmac.communications.errors import ConfigurationError, EventDecodeError, OperationTimeoutError
+from dotmac.communications.errors import (
+    CommunicationsError,
+    ConfigurationError,
+    EventDecodeError,
+    OperationTimeoutError,
+)
 from dotmac.communications.events._event import Event
 from dotmac.communications.events._topics import compile_pattern
 
@@ -307,7 +312,10 @@ class _RedisConsumer(GroupConsumer):
         claimed = await self._claim(count)
         if claimed:
             return claimed
-        await self._trim()
+        try:
+            await self._trim()
+        except CommunicationsError as exc:  # trimming is housekeeping: never block consuming
+            log.warning("events: trimming acknowledged entries failed: %s", exc)
         if not self._streams:
             await asyncio.sleep(min(timeout, self._b.discovery_interval))
             return []
@@ -426,7 +434,8 @@ class _RedisConsumer(GroupConsumer):
                     point = _id_key(_text(info["last-delivered-id"]))
                     if int(info["pending"]):
                         summary = await self._b.client.xpending(key, info["name"])
-                        point = min(point, _id_key(_text(summary["min"])))
+                        if summary.get("min") is not None:  # drained since XINFO: no floor
+                            point = min(point, _id_key(_text(summary["min"])))
                     floor = point if floor is None else min(floor, point)
                 if floor is not None and floor > (0, 0):
                     await self._b.client.xtrim(
