@@ -129,6 +129,7 @@ class EventBus:
         self._started = False
         self._pending_starts: set[asyncio.Task[None]] = set()
         self._bound: dict[str, tuple[metrics.BoundHistogram, metrics.BoundCounter]] = {}
+        self._remote = self.backend.system != "memory"
 
     @classmethod
     def from_config(
@@ -195,11 +196,18 @@ class EventBus:
     ) -> Event:
         if isinstance(topic, Event):
             return topic
-        for value, name in ((key, "key"), (tenant_id, "tenant_id"), (subject, "subject"),
-                            (correlation_id, "correlation_id"),
-                            (causation_id, "causation_id")):  # fmt: skip
-            _check_str(value, name)
-        _check_headers(headers)
+        if (
+            key is not None
+            or tenant_id is not None
+            or subject is not None
+            or (correlation_id is not None or causation_id is not None)
+        ):
+            for value, name in ((key, "key"), (tenant_id, "tenant_id"), (subject, "subject"),
+                                (correlation_id, "correlation_id"),
+                                (causation_id, "causation_id")):  # fmt: skip
+                _check_str(value, name)
+        if headers is not None:
+            _check_headers(headers)
         if isinstance(data, BaseModel):
             data = data.model_dump(mode="json")
         return Event(
@@ -340,7 +348,9 @@ class EventBus:
         elapsed = time.perf_counter() - start
         topic = events[0].type
         duration, sent = self._publish_metrics(topic)
-        duration.record(elapsed)
+        if self._remote:
+            # A client operation's duration means a broker round trip; in memory there is none.
+            duration.record(elapsed)
         if len(events) == 1 or all(event.type == topic for event in events):
             sent.add(len(events))
         else:

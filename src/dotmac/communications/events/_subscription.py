@@ -161,6 +161,7 @@ class SubscriptionRunner:
         self._stopping = False
         self.fetch_errors = 0
         """Consecutive failed fetches (health turns ``fail`` while the backend is away)."""
+        self._process_bound: dict[str, metrics.BoundHistogram] = {}
         self._attrs = {
             "messaging.system": system,
             "messaging.consumer.group.name": sub.group,
@@ -262,7 +263,7 @@ class SubscriptionRunner:
     async def _worker(self) -> None:
         ready = self._ready
         while True:
-            delivery = await ready.get()
+            delivery = ready.get_nowait() if ready.qsize() else await ready.get()
             self._active += 1
             try:
                 await self._chain(delivery)
@@ -274,7 +275,16 @@ class SubscriptionRunner:
     async def _chain(self, first: Delivery) -> None:
         delivery: Delivery | None = first
         while delivery is not None:
-            delay = await self._attempt(delivery)
+            try:
+                delay = await self._attempt(delivery)
+            except Exception:
+                # Not acknowledged: it stays pending and is claimed again after claim_idle.
+                log.exception(
+                    "events: could not settle %s entry %s; leaving it for a later claim",
+                    delivery.topic, delivery.entry_id,
+                )  # fmt: skip
+                self._settled(delivery)
+                delay = None
             if delay is not None:
                 self._schedule_retry(delivery, delay)
                 return  # the key stays busy until the retry settles it
@@ -320,14 +330,20 @@ class SubscriptionRunner:
                 await sub.handler(event)
         except Exception as exc:  # noqa: BLE001 -- a handler's failure is data: retry or dead-letter
             return await self._failed(delivery, exc)
-        metrics.histogram(_PROCESS, unit="s").record(
-            time.perf_counter() - start,
-            {**self._attrs, "messaging.destination.name": delivery.topic},
-        )
+        self._process_metric(delivery.topic).record(time.perf_counter() - start)
         self._settled(delivery)
         self._acks.append(delivery)
         self._ack_wakeup.set()
         return None
+
+    def _process_metric(self, topic: str) -> metrics.BoundHistogram:
+        bound = self._process_bound.get(topic)
+        if bound is None:
+            attrs = {**self._attrs, "messaging.destination.name": topic}
+            bound = metrics.histogram(_PROCESS, unit="s").bind(attrs)
+            if len(self._process_bound) < 10_000:  # topics are few; never grow without bound
+                self._process_bound[topic] = bound
+        return bound
 
     async def _traced(self, event: Event) -> None:
         carrier = {"traceparent": event.traceparent} if event.traceparent else {}

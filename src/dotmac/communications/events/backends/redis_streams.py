@@ -478,7 +478,8 @@ class _RedisConsumer(GroupConsumer):
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         """MULTI: XADD to the topic's dead letters, XACK, HDEL the failure count."""
-        seconds, micros = await self._b.client.time()
+        with redis_errors("events dead letter"):
+            seconds, micros = await self._b.client.time()
         pipe = self._b.client.pipeline(transaction=True)
         pipe.xadd(
             self._b.dead_letter_key(delivery.topic),
