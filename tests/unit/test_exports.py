@@ -14,6 +14,8 @@ PACKAGES = [
     "dotmac.communications.resilience",
     "dotmac.communications.observability",
     "dotmac.communications.testing",
+    "dotmac.communications.events",
+    "dotmac.communications.events.backends",
 ]
 
 

@@ -85,9 +85,11 @@ def is_active() -> bool:
     if provider is None:
         # trace.get_tracer_provider() reads os.environ on every call while no provider is set
         # (~2 us); the API's own global is checked first and the public call is the fallback.
-        if not hasattr(trace, "_TRACER_PROVIDER"):  # pragma: no cover - a future API layout
+        try:
+            provider = trace._TRACER_PROVIDER
+        except AttributeError:  # pragma: no cover - a future API layout
             provider = trace.get_tracer_provider()
-        elif (provider := trace._TRACER_PROVIDER) is None:
+        if provider is None:
             return False
     return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
