@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +19,7 @@ import redis.exceptions as rexc
 from .errors import BackendError, BackendUnavailableError, ConfigurationError, OperationTimeoutError
 
 __all__ = [
+    "bounded_redis_call",
     "create_redis_client",
     "redact_url",
     "redis_errors",
@@ -163,6 +164,21 @@ def redis_errors(operation: str) -> Iterator[None]:
             raise asyncio.CancelledError(f"{operation}: cancelled") from exc
         _translate(operation, exc)
         raise
+
+
+@contextlib.asynccontextmanager
+async def bounded_redis_call(operation: str, timeout: float) -> AsyncIterator[None]:
+    """:func:`redis_errors` plus one deadline for the whole block.
+
+    Clients made with ``socket_timeout=None`` (no per-read timer: redis-py otherwise arms one
+    for every reply, 100 per pipeline of 100) stay bounded this way, one timer per operation.
+
+    Raises:
+        OperationTimeoutError: The block took longer than ``timeout`` seconds.
+    """
+    with redis_errors(operation):
+        async with asyncio.timeout(timeout):
+            yield
 
 
 def _being_cancelled() -> bool:

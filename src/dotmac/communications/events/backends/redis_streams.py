@@ -29,12 +29,11 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from dotmac.communications._redis import create_redis_client, redis_errors, tagged_key
+from dotmac.communications._redis import bounded_redis_call, create_redis_client, tagged_key
 from dotmac.communications.errors import (
     CommunicationsError,
     ConfigurationError,
     EventDecodeError,
-    OperationTimeoutError,
 )
 from dotmac.communications.events._event import Event
 from dotmac.communications.events._topics import compile_pattern
@@ -70,6 +69,9 @@ class RedisStreamsBackend(EventBackend):
         claim_idle: Seconds a delivery may stay unacknowledged before another consumer claims it.
         discovery_interval: Seconds between looks for new topics matching a subscription.
         trim_interval: Seconds between trims of acknowledged entries.
+        timeout: Deadline of each Redis operation (a blocking read gets its block time on top).
+            The client it creates has no per-read socket timeout: one deadline per operation is
+            as safe and much cheaper than a timer on every reply of a pipeline.
 
     Raises:
         ConfigurationError: Neither or both of ``url`` and ``client``; a bad number or prefix.
@@ -88,6 +90,7 @@ class RedisStreamsBackend(EventBackend):
         claim_idle: float = 30.0,
         discovery_interval: float = 1.0,
         trim_interval: float = 10.0,
+        timeout: float = 5.0,
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("RedisStreamsBackend: pass exactly one of url or client")
@@ -101,9 +104,9 @@ class RedisStreamsBackend(EventBackend):
                 "RedisStreamsBackend: maxlen and dead_letter_maxlen must be >= 1 and "
                 f"claim_idle > 0 (got {maxlen}, {dead_letter_maxlen}, {claim_idle})"
             )
-        if not discovery_interval > 0 or not trim_interval > 0:
+        if not discovery_interval > 0 or not trim_interval > 0 or not timeout > 0:
             raise ConfigurationError(
-                "RedisStreamsBackend: discovery_interval and trim_interval must be > 0"
+                "RedisStreamsBackend: discovery_interval, trim_interval and timeout must be > 0"
             )
         self._owned = client is None
         self.client: aioredis.Redis = (
@@ -115,6 +118,7 @@ class RedisStreamsBackend(EventBackend):
         self.claim_idle = claim_idle
         self.discovery_interval = discovery_interval
         self.trim_interval = trim_interval
+        self.timeout = timeout
         self.topics_key = f"{stream_prefix}:topics"
         self.groups_key = f"{stream_prefix}:groups"
         self._known_topics: set[str] = set()
@@ -144,7 +148,7 @@ class RedisStreamsBackend(EventBackend):
 
     async def ping(self) -> None:
         """PING Redis; raise the mapped error when it does not answer."""
-        with redis_errors("events backend ping"):
+        async with bounded_redis_call("events backend ping", self.timeout):
             await self.client.ping()
 
     # -------------------------------------------------------------------------------- publish
@@ -161,26 +165,20 @@ class RedisStreamsBackend(EventBackend):
                 maxlen=self.maxlen,
                 approximate=True,
             )
-        with redis_errors("events publish"):
-            try:
-                async with asyncio.timeout(timeout):
-                    results = await pipe.execute()
-            except TimeoutError as exc:
-                raise OperationTimeoutError(
-                    f"events publish: Redis did not answer within {timeout}s"
-                ) from exc
+        async with bounded_redis_call("events publish", timeout):
+            results = await pipe.execute()
         self._known_topics |= new_topics
         return [_text(r) for r in results[1 if new_topics else 0 :]]
 
     # --------------------------------------------------------------------------------- groups
     async def declare_group(self, group: GroupId) -> None:
         """Record when the group was first declared (Redis server time)."""
-        with redis_errors("events declare group"):
+        async with bounded_redis_call("events declare group", self.timeout):
             seconds, micros = await self.client.time()
             await self.client.hsetnx(self.groups_key, group.key, seconds * 1000 + micros // 1000)
 
     async def _group_start_id(self, group: GroupId) -> str:
-        with redis_errors("events declare group"):
+        async with bounded_redis_call("events declare group", self.timeout):
             created = await self.client.hget(self.groups_key, group.key)
         if created is None:
             await self.declare_group(group)
@@ -191,14 +189,14 @@ class RedisStreamsBackend(EventBackend):
     async def matching_topics(self, pattern: str) -> list[str]:
         """Known topics matching ``pattern``."""
         matcher = compile_pattern(pattern)
-        with redis_errors("events topic discovery"):
+        async with bounded_redis_call("events topic discovery", self.timeout):
             members = await self.client.smembers(self.topics_key)
         return sorted(t for t in map(_text, members) if matcher.match(t))
 
     async def ensure_group_on(self, group: GroupId, topic: str) -> None:
         """Create the Redis consumer group on ``topic``'s stream if it is not there yet."""
         start = await self._group_start_id(group)
-        with redis_errors("events create group"):
+        async with bounded_redis_call("events create group", self.timeout):
             try:
                 await self.client.xgroup_create(
                     self.stream_key(topic), group.key, id=start, mkstream=True
@@ -219,7 +217,7 @@ class RedisStreamsBackend(EventBackend):
         topics = [topic] if topic is not None else await self.matching_topics("#")
         letters: list[DeadLetter] = []
         for name in topics:
-            with redis_errors("events dead letters"):
+            async with bounded_redis_call("events dead letters", self.timeout):
                 rows: Any = await self.client.xrevrange(self.dead_letter_key(name), count=limit * 4)
             for entry_id, fields in rows:
                 letter = _dead_letter(name, _text(entry_id), fields)
@@ -242,7 +240,7 @@ class RedisStreamsBackend(EventBackend):
                 approximate=True,
             )
             pipe.xdel(self.dead_letter_key(letter.topic), letter.id)
-            with redis_errors("events replay"):
+            async with bounded_redis_call("events replay", self.timeout):
                 _, deleted = await pipe.execute()
             replayed += int(deleted)
         return replayed
@@ -254,7 +252,7 @@ class RedisStreamsBackend(EventBackend):
             by_topic[letter.topic].append(letter.id)
         removed = 0
         for topic, ids in by_topic.items():
-            with redis_errors("events purge"):
+            async with bounded_redis_call("events purge", self.timeout):
                 removed += int(await self.client.xdel(self.dead_letter_key(topic), *ids))
         return removed
 
@@ -321,7 +319,7 @@ class _RedisConsumer(GroupConsumer):
             return []
         block_ms = max(1, int(min(timeout, self._b.discovery_interval) * 1000))
         streams: Any = dict.fromkeys(self._streams, ">")
-        with redis_errors("events fetch"):
+        async with bounded_redis_call("events fetch", block_ms / 1000 + self._b.timeout):
             try:
                 reply: Any = await self._b.client.xreadgroup(
                     self._group.key, self._name, streams, count=count, block=block_ms
@@ -376,7 +374,7 @@ class _RedisConsumer(GroupConsumer):
             if len(out) >= count:
                 break
             cursor = self._claim_cursor.get(key, "0-0")
-            with redis_errors("events claim"):
+            async with bounded_redis_call("events claim", self._b.timeout):
                 try:
                     reply = await self._b.client.xautoclaim(
                         key, self._group.key, self._name, idle_ms, cursor, count=count - len(out)
@@ -406,7 +404,7 @@ class _RedisConsumer(GroupConsumer):
     async def _claimed(self, key: str, topic: str, entries: list[Any]) -> list[Delivery]:
         ids = [_text(entry_id) for entry_id, _ in entries]
         failures_key = self._b.failures_key(topic, self._group)
-        with redis_errors("events claim"):
+        async with bounded_redis_call("events claim", self._b.timeout):
             pending: Any = await self._b.client.xpending_range(
                 key, self._group.key, min=ids[0], max=ids[-1], count=len(ids) * 2,
                 consumername=self._name,
@@ -427,7 +425,7 @@ class _RedisConsumer(GroupConsumer):
             return
         self._next_trim = now + self._b.trim_interval
         for key in list(self._streams):
-            with redis_errors("events trim"):
+            async with bounded_redis_call("events trim", self._b.timeout):
                 groups = await self._b.client.xinfo_groups(key)
                 floor: tuple[int, int] | None = None
                 for info in groups:
@@ -447,7 +445,7 @@ class _RedisConsumer(GroupConsumer):
         pipe = self._b.client.pipeline(transaction=False)
         for key, entry_ids in ids.items():
             pipe.xack(key, self._group.key, *entry_ids)
-        with redis_errors("events ack"):
+        async with bounded_redis_call("events ack", self._b.timeout):
             await pipe.execute()
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -464,7 +462,7 @@ class _RedisConsumer(GroupConsumer):
             pipe.xack(key, self._group.key, *ids)
         for topic, ids in retried.items():
             pipe.hdel(self._b.failures_key(topic, self._group), *ids)
-        with redis_errors("events ack"):
+        async with bounded_redis_call("events ack", self._b.timeout):
             await pipe.execute()
 
     async def record_failure(self, delivery: Delivery) -> None:
@@ -473,12 +471,12 @@ class _RedisConsumer(GroupConsumer):
         pipe = self._b.client.pipeline(transaction=False)
         pipe.hset(key, delivery.entry_id, delivery.attempt)
         pipe.expire(key, FAILURES_TTL_SECONDS)
-        with redis_errors("events record failure"):
+        async with bounded_redis_call("events record failure", self._b.timeout):
             await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         """MULTI: XADD to the topic's dead letters, XACK, HDEL the failure count."""
-        with redis_errors("events dead letter"):
+        async with bounded_redis_call("events dead letter", self._b.timeout):
             seconds, micros = await self._b.client.time()
         pipe = self._b.client.pipeline(transaction=True)
         pipe.xadd(
@@ -497,7 +495,7 @@ class _RedisConsumer(GroupConsumer):
         )
         pipe.xack(self._b.stream_key(delivery.topic), self._group.key, delivery.entry_id)
         pipe.hdel(self._b.failures_key(delivery.topic, self._group), delivery.entry_id)
-        with redis_errors("events dead letter"):
+        async with bounded_redis_call("events dead letter", self._b.timeout):
             await pipe.execute()
 
     async def keepalive(self, deliveries: Sequence[Delivery]) -> None:
@@ -508,7 +506,7 @@ class _RedisConsumer(GroupConsumer):
         pipe = self._b.client.pipeline(transaction=False)
         for key, ids in by_stream.items():
             pipe.xclaim(key, self._group.key, self._name, 0, list[Any](ids), justid=True)
-        with redis_errors("events keepalive"):
+        async with bounded_redis_call("events keepalive", self._b.timeout):
             await pipe.execute()
 
     async def close(self) -> None:
