@@ -21,6 +21,7 @@ chained with ``raise ... from exc``, so callers never have to catch a vendor typ
     │   ├── EventSerializationError     (also ValueError)   data is not JSON-serialisable
     │   ├── EventTooLargeError          (also ValueError)   serialised event over the limit
     │   ├── EventDecodeError                                a stream entry is not a valid event
+    │   ├── UnknownBackendError         (also ConfigurationError) events.backend unusable
     │   └── PublishTimeoutError         transient           a full backend stayed full
     └── WebSocketError                                      gateway sub-root
 
@@ -58,6 +59,7 @@ __all__ = [
     "PublishTimeoutError",
     "RateLimitedError",
     "TemplateError",
+    "UnknownBackendError",
     "WebSocketError",
     "is_transient",
 ]
@@ -170,6 +172,10 @@ class EventTooLargeError(EventError, ValueError):
 
 class EventDecodeError(EventError):
     """An entry found in a stream is not a valid event (written by something else, or corrupt)."""
+
+
+class UnknownBackendError(EventError, ConfigurationError):
+    """``events.backend`` names no backend, or one whose settings are missing."""
 
 
 class PublishTimeoutError(EventError):

@@ -22,6 +22,7 @@ from dotmac.communications.errors import (
     InvalidPatternError,
     InvalidTopicError,
     PublishTimeoutError,
+    UnknownBackendError,
 )
 
 from ._bus import EventBus
@@ -59,6 +60,7 @@ __all__ = [
     "RedisIdempotencyStore",
     "RedisStreamsBackend",
     "Subscription",
+    "UnknownBackendError",
     "compile_pattern",
     "idempotent",
     "validate_topic",

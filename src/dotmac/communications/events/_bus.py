@@ -18,6 +18,7 @@ from dotmac.communications.errors import (
     ConfigurationError,
     EventError,
     PublishTimeoutError,
+    UnknownBackendError,
     is_transient,
 )
 from dotmac.communications.observability import CheckResult, metrics, tracing
@@ -143,12 +144,13 @@ class EventBus:
             **kwargs: Further :class:`EventBus` arguments (``source``, ``batch_size``...).
 
         Raises:
-            ConfigurationError: ``backend`` is ``redis`` without a Redis URL, or unknown.
+            UnknownBackendError: ``backend`` is unknown, or ``redis`` without a Redis URL (an
+                EventError and a ConfigurationError).
         """
         backend: EventBackend
         if settings.backend == "redis":
             if not settings.redis_url:
-                raise ConfigurationError(
+                raise UnknownBackendError(
                     "events.backend is 'redis' but events.redis_url is not set "
                     "(DOTMAC_EVENTS__REDIS_URL or DOTMAC_REDIS_URL)"
                 )
@@ -169,7 +171,7 @@ class EventBus:
                 clock=clock,
             )
         else:
-            raise ConfigurationError(
+            raise UnknownBackendError(
                 f"events.backend: unknown backend {settings.backend!r}; use 'memory' or 'redis'"
             )
         return cls(

@@ -298,22 +298,31 @@ class Event:
         headers = obj.get("headers") or {}
         if not isinstance(headers, dict):
             raise EventDecodeError(f"headers must be an object, got {type(headers).__name__}")
-        time_text = obj.get("time")
+        # Built field by field (no __init__): this runs for every event a consumer reads.
+        new = object.__new__(cls)
         try:
-            return cls(
-                obj["type"],
-                obj.get("data"),
-                id=str(obj["id"]),
-                source=str(obj["source"]),
-                time=_parse_time(time_text) if time_text else None,
-                datacontenttype=obj.get("datacontenttype") or "application/json",
-                subject=obj.get("subject"),
-                headers=headers,
-                attempt=attempt,
-                **{attr: obj.get(ext) for attr, ext in _EXTENSIONS},
-            )
-        except (KeyError, TypeError, ValueError, EventError) as exc:
+            new.type = validate_topic(obj["type"])
+            new.id = _required_str(obj, "id")
+            new.source = _required_str(obj, "source")
+            time_text = obj.get("time")
+            new._dt = _parse_time(time_text) if time_text else None
+            new._ts = 0.0 if time_text else _time.time()
+            new.datacontenttype = _optional_str(obj, "datacontenttype") or "application/json"
+            new.subject = _optional_str(obj, "subject")
+            new.key = _optional_str(obj, "key")
+            new.tenant_id = _optional_str(obj, "tenantid")
+            new.correlation_id = _optional_str(obj, "correlationid")
+            new.causation_id = _optional_str(obj, "causationid")
+            new.traceparent = _optional_str(obj, "traceparent")
+        except (KeyError, ValueError, EventError) as exc:
+            if isinstance(exc, EventDecodeError):
+                raise
             raise EventDecodeError(f"not a valid event: {type(exc).__name__}: {exc}") from exc
+        new._data = obj.get("data")
+        new._data_json = None
+        new.headers = headers
+        new.attempt = attempt
+        return new
 
     @classmethod
     def from_json(cls, raw: bytes | str, *, attempt: int = 1) -> Event:
@@ -329,6 +338,20 @@ class Event:
         if not isinstance(obj, dict):
             raise EventDecodeError(f"event JSON must be an object, got {type(obj).__name__}")
         return cls.from_cloudevent(obj, attempt=attempt)
+
+
+def _required_str(obj: Mapping[str, Any], name: str) -> str:
+    value = obj[name]
+    if not isinstance(value, str) or not value:
+        raise EventDecodeError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _optional_str(obj: Mapping[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    if value is not None and not isinstance(value, str):
+        raise EventDecodeError(f"{name} must be a string, got {type(value).__name__}")
+    return value
 
 
 def _json_copy(data: Any) -> Any:

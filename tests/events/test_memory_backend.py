@@ -1,0 +1,103 @@
+"""Memory-backend specifics: bounded queues with backpressure, and building buses from config."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from _support.waiting import eventually
+from dotmac.communications.config import CommunicationsConfig, EventsSettings
+from dotmac.communications.errors import ConfigurationError, EventError, PublishTimeoutError
+from dotmac.communications.events import (
+    Event,
+    EventBus,
+    MemoryBackend,
+    RedisStreamsBackend,
+    UnknownBackendError,
+)
+
+
+async def test_publish_waits_while_a_group_is_full_then_times_out() -> None:
+    """A full group makes publish wait (backpressure) and fail after publish_timeout."""
+    bus = EventBus(MemoryBackend(maxlen=3), publish_timeout=0.2, poll_interval=0.05)
+    release = asyncio.Event()
+    handled: list[int] = []
+
+    @bus.subscribe("q.t", group="slow", max_in_flight=1)
+    async def slow(event: Event) -> None:
+        await release.wait()
+        handled.append(event.data)
+
+    async with bus:
+        for n in range(3):
+            await bus.publish("q.t", n)
+        with pytest.raises(PublishTimeoutError, match="stayed full"):
+            await bus.publish("q.t", 99)
+        waiting = asyncio.create_task(bus.publish("q.t", 3))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # still waiting for room, not failed
+        release.set()
+        await asyncio.wait_for(waiting, 2)
+        await eventually(lambda: handled == [0, 1, 2, 3])
+
+
+async def test_batch_larger_than_a_group_is_refused_whole() -> None:
+    """publish_many that can never fit fails at once and stores none of its events."""
+    bus = EventBus(MemoryBackend(maxlen=2), poll_interval=0.05)
+    got: list[int] = []
+
+    @bus.subscribe("b.t", group="g")
+    async def handle(event: Event) -> None:
+        got.append(event.data)
+
+    async with bus:
+        with pytest.raises(PublishTimeoutError, match="capacity of 2"):
+            await bus.publish_many([("b.t", n) for n in range(3)])
+        await bus.publish("b.t", 42)
+        await eventually(lambda: got == [42])
+
+
+async def test_events_without_a_group_are_not_kept() -> None:
+    """Events no group matches are dropped at once: nothing grows without a consumer."""
+    backend = MemoryBackend(maxlen=1)
+    bus = EventBus(backend)
+    async with bus:
+        for n in range(10):
+            await bus.publish("nobody.listens", n)  # would block at 1 if it were kept
+
+
+def test_from_config_memory() -> None:
+    """EventBus.from_config builds the memory backend with the section's limits."""
+    settings = CommunicationsConfig(events={"maxlen": 123, "max_attempts": 4}).events
+    bus = EventBus.from_config(settings)
+    assert isinstance(bus.backend, MemoryBackend)
+    assert bus.backend.maxlen == 123
+    assert bus.max_attempts == 4
+
+
+def test_from_config_redis() -> None:
+    """With backend=redis the bus uses Redis Streams at the section's URL and prefix."""
+    settings = CommunicationsConfig(
+        redis_url="redis://127.0.0.1:1/0",
+        events={"backend": "redis", "stream_prefix": "app:ev", "claim_idle_seconds": 7},
+    ).events
+    bus = EventBus.from_config(settings)
+    assert isinstance(bus.backend, RedisStreamsBackend)
+    assert bus.backend.stream_key("a.b") == "{app:ev:a.b}"
+    assert bus.backend.claim_idle == 7
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        EventsSettings.model_construct(backend="kafka"),
+        EventsSettings.model_construct(backend="redis", redis_url=None),
+    ],
+)
+def test_from_config_refuses_an_unusable_backend(settings: EventsSettings) -> None:
+    """An unknown backend, or Redis without a URL, is an EventError and a ConfigurationError."""
+    with pytest.raises(UnknownBackendError) as info:
+        EventBus.from_config(settings)
+    assert isinstance(info.value, EventError)
+    assert isinstance(info.value, ConfigurationError)
