@@ -51,3 +51,39 @@ async def main() -> None:
         status: int = report.http_status
         transient: bool = is_transient(TimeoutError())
         log.info("health", status=status, transient=transient)
+
+
+async def events_usage(config: CommunicationsConfig) -> None:
+    from pydantic import BaseModel
+
+    from dotmac.communications.events import (
+        Event,
+        EventBus,
+        MemoryIdempotencyStore,
+        Subscription,
+        idempotent,
+    )
+
+    class Order(BaseModel):
+        id: int
+
+    bus = EventBus.from_config(config.events)
+    store = MemoryIdempotencyStore()
+
+    @bus.subscribe("orders.*", group="billing", concurrency=4, model=Order)
+    @idempotent(store)
+    async def bill(event: Event) -> None:
+        order = event.data
+        assert isinstance(order, Order)
+
+    async def audit(event: Event) -> None:
+        pass
+
+    sub: Subscription = bus.subscribe("#", audit, group="audit")
+    async with bus:
+        sent: Event = await bus.publish("orders.created", Order(id=1), key="c1")
+        many: list[Event] = await bus.publish_many([("orders.paid", {"id": 1})])
+        letters = await bus.dead_letters.list(group="billing", limit=10)
+        replayed: int = await bus.dead_letters.replay([d.id for d in letters])
+        await bus.unsubscribe(sub)
+        del sent, many, replayed
