@@ -7,7 +7,8 @@ same code runs on Redis Cluster):
 - ``{P:<topic>}`` — the stream; each entry has field ``e`` (the CloudEvents JSON) and, for a replay,
   ``g`` (the only group that may handle it);
 - ``{P:<topic>}:dlq`` — dead letters of every group on that topic;
-- ``{P:<topic>}:failures:<group>`` — failed attempts per pending entry, so a claimer counts them;
+- ``{P:<topic>}:failures:<group>|<pattern>`` — failed attempts per pending entry, so a claimer
+  counts them;
 - ``P:topics`` — every topic ever published (consumers discover streams matching their pattern);
 - ``P:groups`` — when each group was first declared (its streams start there).
 
@@ -204,6 +205,19 @@ class RedisStreamsBackend(EventBackend):
             except rexc.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    async def ensure_declared_groups_on(self, topic: str) -> None:
+        """Create on ``topic``'s stream every declared group whose pattern matches it.
+
+        Called before trimming: a group whose consumers are all down has not created itself on
+        a new stream yet, and trimming by the groups already there would drop its events.
+        """
+        async with bounded_redis_call("events trim", self.timeout):
+            declared = await self.client.hkeys(self.groups_key)
+        for raw in declared:
+            group, _, pattern = _text(raw).partition("|")
+            if pattern and compile_pattern(pattern).match(topic):
+                await self.ensure_group_on(GroupId(group, pattern), topic)
 
     def consumer(self, group: GroupId, name: str) -> GroupConsumer:
         """A consumer called ``name`` in ``group``."""
@@ -424,7 +438,8 @@ class _RedisConsumer(GroupConsumer):
         if now < self._next_trim:
             return
         self._next_trim = now + self._b.trim_interval
-        for key in list(self._streams):
+        for key, topic in list(self._streams.items()):
+            await self._b.ensure_declared_groups_on(topic)
             async with bounded_redis_call("events trim", self._b.timeout):
                 groups = await self._b.client.xinfo_groups(key)
                 floor: tuple[int, int] | None = None
