@@ -16,6 +16,7 @@ from dotmac.communications.events import (
     RedisStreamsBackend,
     UnknownBackendError,
 )
+from dotmac.communications.observability import metrics
 
 
 async def test_publish_waits_while_a_group_is_full_then_times_out() -> None:
@@ -101,3 +102,26 @@ def test_from_config_refuses_an_unusable_backend(settings: EventsSettings) -> No
         EventBus.from_config(settings)
     assert isinstance(info.value, EventError)
     assert isinstance(info.value, ConfigurationError)
+
+
+async def test_a_group_without_consumers_drops_oldest_instead_of_blocking() -> None:
+    """After its bus stops, a full group drops its oldest events; publishers never block on it."""
+    backend = MemoryBackend(maxlen=3)
+    stopped = EventBus(backend, poll_interval=0.05)
+    got: list[int] = []
+
+    @stopped.subscribe("d.t", group="offline")
+    async def handle(event: Event) -> None:
+        got.append(event.data)
+
+    await stopped.start()
+    await stopped.stop()
+    publisher = EventBus(backend, publish_timeout=0.1)
+    async with publisher:
+        for n in range(10):
+            await publisher.publish("d.t", n)  # would time out if the offline group blocked
+    assert metrics.value("dotmac.events.dropped", {"messaging.consumer.group.name": "offline"}) == 7
+    again = EventBus(backend, poll_interval=0.05)
+    again.subscribe("d.t", handle, group="offline")
+    async with again:
+        await eventually(lambda: got == [7, 8, 9])  # the newest maxlen events were kept

@@ -2,14 +2,17 @@
 
 Nothing leaves the process, but everything else behaves as on Redis: groups, pending entries,
 acknowledgement, claiming after ``claim_idle``, dead letters and replay. Queues are bounded:
-publishing into a full group waits (backpressure) and fails with
-:class:`~dotmac.communications.errors.PublishTimeoutError` after its timeout.
+publishing into a full group whose consumers are running waits (backpressure) and fails with
+:class:`~dotmac.communications.errors.PublishTimeoutError` after its timeout; a full group with
+no consumer attached (its bus stopped, or it unsubscribed) drops its oldest events instead, as
+``XADD MAXLEN`` does on Redis, and counts them in ``dotmac.events.dropped``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -20,10 +23,15 @@ from dotmac.communications._clock import Clock, system_clock
 from dotmac.communications.errors import ConfigurationError, PublishTimeoutError
 from dotmac.communications.events._event import Event
 from dotmac.communications.events._topics import compile_pattern
+from dotmac.communications.observability import metrics
 
 from .base import DeadLetter, Delivery, EventBackend, GroupConsumer, GroupId
 
 __all__ = ["MemoryBackend"]
+
+log = logging.getLogger("dotmac.communications.events")
+
+_DROPPED = "dotmac.events.dropped"
 
 
 @dataclass(slots=True)
@@ -43,10 +51,12 @@ class _Pending:
 
 
 class _Group:
-    __slots__ = ("available", "gid", "matcher", "pending", "queue", "space")
+    __slots__ = ("available", "consumers", "dropped", "gid", "matcher", "pending", "queue", "space")
 
     def __init__(self, gid: GroupId) -> None:
         self.gid = gid
+        self.consumers = 0
+        self.dropped = 0
         self.matcher: re.Pattern[str] = compile_pattern(gid.pattern)
         self.queue: deque[_Entry] = deque()
         self.pending: dict[str, _Pending] = {}
@@ -56,6 +66,27 @@ class _Group:
 
     def size(self) -> int:
         return len(self.queue) + len(self.pending)
+
+    def make_room(self, count: int, maxlen: int) -> None:
+        """With no consumer attached, drop the oldest queued entries (like Redis MAXLEN ~)."""
+        excess = self.size() + count - maxlen
+        if excess <= 0 or self.consumers:
+            return
+        drop = min(excess, len(self.queue))
+        for _ in range(drop):
+            self.queue.popleft()
+        if drop:
+            if not self.dropped:
+                log.warning(
+                    "events: group %r has no consumer and is full (%d); dropping its oldest "
+                    "events until one attaches",
+                    self.gid.key, maxlen,
+                )  # fmt: skip
+            self.dropped += drop
+            metrics.counter(_DROPPED, unit="{message}").add(
+                drop,
+                {"messaging.system": "memory", "messaging.consumer.group.name": self.gid.group},
+            )
 
 
 class MemoryBackend(EventBackend):
@@ -134,7 +165,9 @@ class MemoryBackend(EventBackend):
             maxlen = self.maxlen
             for group in groups:
                 if len(group.queue) + len(group.pending) >= maxlen:
-                    break
+                    if group.consumers:
+                        break  # backpressure: the slow path waits for room
+                    group.make_room(1, maxlen)
             else:
                 entry = _Entry(str(next(self._ids)), event.type, event)
                 for group in groups:
@@ -166,6 +199,8 @@ class MemoryBackend(EventBackend):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            for group, count in need.items():
+                group.make_room(count, self.maxlen)
             full = [g for g, count in need.items() if g.size() + count > self.maxlen]
             if not full:
                 return
@@ -184,7 +219,10 @@ class MemoryBackend(EventBackend):
 
     def consumer(self, group: GroupId, name: str) -> GroupConsumer:
         """A consumer of ``group`` (declared if new)."""
-        return _MemoryConsumer(self, self._group(group), name, self.claim_idle)
+        state = self._group(group)
+        state.consumers += 1
+        state.dropped = 0
+        return _MemoryConsumer(self, state, name, self.claim_idle)
 
     # -------------------------------------------------------------------------- dead letters
     def _add_dead(self, group: _Group, pending: _Pending, attempts: int, error: str) -> None:
@@ -342,5 +380,7 @@ class _MemoryConsumer(GroupConsumer):
 
     async def close(self) -> None:
         """Stop fetching; what is pending stays claimable by the group's other consumers."""
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            self._group.consumers -= 1
         self._group.available.set()
