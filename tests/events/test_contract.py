@@ -486,6 +486,40 @@ async def test_subscribing_after_start_takes_effect(make_bus) -> None:
     got: list[int] = []
     async with bus:
         bus.subscribe("s.t", lambda_counter(got), group="late")
-        await asyncio.sleep(0.2)
+        await bus.ready()
         await bus.publish("s.t", 1)
         await eventually(lambda: got == [1])
+
+
+async def test_the_same_handler_subscribed_twice_runs_two_consumers(make_bus) -> None:
+    """Two identical subscriptions are two consumers of one group, both stopped with the bus."""
+    bus = make_bus()
+    got: list[int] = []
+    handler = lambda_counter(got)
+    first = bus.subscribe("twice.t", handler, group="g")
+    second = bus.subscribe("twice.t", handler, group="g")
+    assert first is not second
+    assert first != second
+    async with bus:
+        await bus.publish_many([("twice.t", n) for n in range(20)])
+        await eventually(lambda: len(got) == 20)
+    await asyncio.sleep(0.05)
+    assert sorted(got) == list(range(20))  # each once: they share the group
+    assert not [t for t in asyncio.all_tasks() if (t.get_name() or "").startswith("events-")]
+
+
+async def test_dead_letters_can_be_switched_off(make_bus) -> None:
+    """With dead_letters=False an exhausted event is logged, counted and acknowledged."""
+    bus = make_bus(clock=FakeClock(), max_attempts=2, dead_letters=False)
+    calls: list[int] = []
+
+    @bus.subscribe("off.t", group="g")
+    async def broken(event: Event) -> None:
+        calls.append(event.attempt)
+        raise RuntimeError("no")
+
+    async with bus:
+        await bus.publish("off.t")
+        await eventually(lambda: calls == [1, 2])
+        await eventually(lambda: metrics.value("dotmac.events.dropped") == 1)
+        assert await bus.dead_letters.list() == []

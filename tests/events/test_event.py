@@ -58,6 +58,9 @@ def test_cloudevent_structured_mode() -> None:
         "key": "k", "tenantid": "t", "correlationid": "c", "causationid": "p", "data": {"id": 1},
     }  # fmt: skip
     assert Event.from_cloudevent(doc) == event
+    structured = event.to_cloudevent()
+    assert structured["time"] == "2026-01-02T03:04:05.678901Z"
+    assert Event.from_cloudevent(structured) == event
 
 
 def test_time_keeps_its_offset() -> None:

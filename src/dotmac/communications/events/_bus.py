@@ -74,7 +74,7 @@ class EventBus:
             :class:`RedisStreamsBackend` (many processes).
         source: CloudEvents ``source`` of published events.
         max_attempts: Handler runs per event before it is dead-lettered (default policy).
-        max_event_bytes: Largest serialised event ``publish`` accepts.
+        max_event_bytes: Largest serialised event data (payload) ``publish`` accepts.
         publish_timeout: Seconds ``publish`` waits on a full or silent backend.
         publish_retry: Retry policy for transient publish failures (``None``: three quick
             attempts; pass ``RetryPolicy(max_attempts=1)`` to disable).
@@ -82,6 +82,8 @@ class EventBus:
         batch_size: Most entries one consumer fetches at once.
         poll_interval: Longest a consumer blocks waiting for new entries.
         clock: Clock for retry backoff (tests pass a fake one).
+        dead_letters: Keep events that exhausted their attempts as dead letters; ``False``
+            logs, counts (``dotmac.events.dropped``) and acknowledges them instead.
 
     Raises:
         ConfigurationError: A parameter is out of range.
@@ -100,6 +102,7 @@ class EventBus:
         batch_size: int = 100,
         poll_interval: float = 1.0,
         clock: Clock | None = None,
+        dead_letters: bool = True,
     ) -> None:
         for value, name in ((max_attempts, "max_attempts"), (max_event_bytes, "max_event_bytes"),
                             (batch_size, "batch_size")):  # fmt: skip
@@ -123,6 +126,7 @@ class EventBus:
         )  # fmt: skip
         self.dead_letters = DeadLetters(self.backend, self._backend_opened)
         """List, replay and purge dead-lettered events."""
+        self._keep_dead_letters = dead_letters
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._subscriptions: list[Subscription] = []
@@ -179,6 +183,7 @@ class EventBus:
             max_attempts=settings.max_attempts,
             max_event_bytes=settings.max_event_bytes,
             shutdown_timeout=settings.shutdown_timeout,
+            dead_letters=settings.dead_letter_enabled,
             clock=clock,
             **kwargs,
         )
@@ -458,7 +463,7 @@ class EventBus:
             )
             self._subscriptions.append(sub)
             if self._started:
-                # Started buses pick new subscriptions up at once.
+                # Started buses pick new subscriptions up at once (await bus.ready() to know).
                 task = asyncio.get_running_loop().create_task(self._start_runner(sub))
                 self._pending_starts.add(task)
                 task.add_done_callback(self._pending_starts.discard)
@@ -472,6 +477,15 @@ class EventBus:
             return fn
 
         return decorator
+
+    async def ready(self) -> None:
+        """Wait until every subscription added to the running bus consumes (its group exists).
+
+        ``subscribe()`` on a started bus declares the group in the background; await this
+        before publishing events that the new subscription must see.
+        """
+        while self._pending_starts:
+            await asyncio.gather(*self._pending_starts)
 
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Stop a subscription's consumer (its group keeps receiving events for later)."""
@@ -497,6 +511,7 @@ class EventBus:
             claim_idle=self.backend.claim_idle,
             batch_size=self._batch_size,
             poll_interval=self._poll_interval,
+            keep_dead_letters=self._keep_dead_letters,
         )
         self._runners[sub] = runner
         runner.start()

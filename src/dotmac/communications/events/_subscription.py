@@ -42,11 +42,15 @@ _CONSUMED = "messaging.client.consumed.messages"
 _PROCESS = "messaging.process.duration"
 _FAILURES = "dotmac.events.handler.failures"
 _DEAD = "dotmac.events.dead_letters"
+_DROPPED = "dotmac.events.dropped"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Subscription:
-    """A handler subscribed to a pattern in a consumer group (see :meth:`EventBus.subscribe`)."""
+    """A handler subscribed to a pattern in a consumer group (see :meth:`EventBus.subscribe`).
+
+    Compared by identity: subscribing the same handler twice makes two consumers.
+    """
 
     pattern: str
     group: str
@@ -138,8 +142,10 @@ class SubscriptionRunner:
         claim_idle: float,
         batch_size: int,
         poll_interval: float,
+        keep_dead_letters: bool = True,
     ) -> None:
         self.sub = sub
+        self._keep_dead_letters = keep_dead_letters
         self.consumer = consumer
         self._system = system
         self._clock = clock
@@ -393,6 +399,9 @@ class SubscriptionRunner:
         self._ready.put_nowait(delivery)
 
     async def _dead_letter(self, delivery: Delivery, error: str) -> None:
+        if not self._keep_dead_letters:
+            await self._drop(delivery, error)
+            return
         log.error(
             "events: dead-lettering %s entry %s for group %s after %d attempt(s): %s",
             delivery.topic, delivery.entry_id, self.sub.group, delivery.attempt, error,
@@ -406,6 +415,19 @@ class SubscriptionRunner:
             attrs = {**self._attrs, "messaging.destination.name": delivery.topic}
             metrics.counter(_DEAD, unit="{message}").add(1, attrs)
         self._settled(delivery)
+
+    async def _drop(self, delivery: Delivery, error: str) -> None:
+        # events.dead_letter_enabled=false: the failure is logged and counted, then acknowledged.
+        log.error(
+            "events: dropping %s entry %s for group %s after %d attempt(s) "
+            "(dead letters disabled): %s",
+            delivery.topic, delivery.entry_id, self.sub.group, delivery.attempt, error,
+        )  # fmt: skip
+        attrs = {**self._attrs, "messaging.destination.name": delivery.topic}
+        metrics.counter(_DROPPED, unit="{message}").add(1, attrs)
+        self._settled(delivery)
+        self._acks.append(delivery)
+        self._ack_wakeup.set()
 
     def _settled(self, delivery: Delivery) -> None:
         in_flight = self._in_flight
