@@ -2,13 +2,16 @@
 
 At-least-once delivery means a handler may see an event again (a consumer crashed after the
 handler ran but before the acknowledgement). :func:`idempotent` wraps a handler so each event id
-is handled once within a TTL. A key goes through two states: *in progress* (a short lease, so a
-consumer that crashes mid-handler does not block the event for the whole TTL) and *done*.
+is handled once within a TTL. A key goes through two states: *in progress* (a short lease that the
+running handler keeps renewing, so a consumer that crashes mid-handler blocks the event for at
+most one lease) and *done*.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -18,7 +21,7 @@ import redis.asyncio as aioredis
 
 from dotmac.communications._clock import Clock, system_clock
 from dotmac.communications._redis import create_redis_client, redis_errors, tagged_key
-from dotmac.communications.errors import ConfigurationError, EventError
+from dotmac.communications.errors import CommunicationsError, ConfigurationError, EventError
 
 from ._event import Event
 from ._subscription import Handler
@@ -32,7 +35,10 @@ __all__ = [
 ]
 
 H = TypeVar("H", bound=Handler)
-Claim = Literal["acquired", "done", "busy"]
+log = logging.getLogger("dotmac.communications.events")
+ClaimState = Literal["acquired", "done", "busy"]
+Claim = tuple[ClaimState, float]
+"""The claim's outcome and, when ``busy``, the seconds left on the holder's lease."""
 
 
 class DuplicateInProgressError(EventError):
@@ -47,6 +53,10 @@ class IdempotencyStore(ABC):
     @abstractmethod
     async def claim(self, key: str, token: str, lease: float) -> Claim:
         """Take ``key`` for ``lease`` seconds unless it is done or leased by someone else."""
+
+    @abstractmethod
+    async def extend(self, key: str, token: str, lease: float) -> None:
+        """Renew ``token``'s lease on ``key`` (no effect once it lost or completed it)."""
 
     @abstractmethod
     async def complete(self, key: str, token: str, ttl: float) -> None:
@@ -76,14 +86,22 @@ class MemoryIdempotencyStore(IdempotencyStore):
         """See :meth:`IdempotencyStore.claim`."""
         entry = self._live(key)
         if entry is not None:
-            return "done" if entry[0] == "" else "busy"
+            if entry[0] == "":
+                return "done", 0.0
+            return "busy", max(entry[1] - self._clock.monotonic(), 0.0)
         if len(self._keys) >= self._max_keys:
             now = self._clock.monotonic()
             self._keys = {k: v for k, v in self._keys.items() if v[1] > now}
             if len(self._keys) >= self._max_keys:
                 raise EventError(f"idempotency store is full ({self._max_keys} live keys)")
         self._keys[key] = (token, self._clock.monotonic() + lease)
-        return "acquired"
+        return "acquired", 0.0
+
+    async def extend(self, key: str, token: str, lease: float) -> None:
+        """See :meth:`IdempotencyStore.extend`."""
+        entry = self._live(key)
+        if entry is not None and entry[0] == token:
+            self._keys[key] = (token, self._clock.monotonic() + lease)
 
     async def complete(self, key: str, token: str, ttl: float) -> None:
         """See :meth:`IdempotencyStore.complete`."""
@@ -102,10 +120,14 @@ _CLAIM = """
 local current = redis.call('GET', KEYS[1])
 if current == false then
   redis.call('SET', KEYS[1], 'p:' .. ARGV[1], 'PX', ARGV[2])
-  return 'acquired'
+  return {'acquired', 0}
 end
-if current == 'd' then return 'done' end
-return 'busy'
+if current == 'd' then return {'done', 0} end
+return {'busy', redis.call('PTTL', KEYS[1])}
+"""
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == 'p:' .. ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
 """
 _COMPLETE = """
 local current = redis.call('GET', KEYS[1])
@@ -142,6 +164,7 @@ class RedisIdempotencyStore(IdempotencyStore):
         self.client = client if client is not None else create_redis_client(url or "")
         self._prefix = prefix
         self._claim = self.client.register_script(_CLAIM)
+        self._extend = self.client.register_script(_EXTEND)
         self._complete = self.client.register_script(_COMPLETE)
         self._release = self.client.register_script(_RELEASE)
 
@@ -151,9 +174,20 @@ class RedisIdempotencyStore(IdempotencyStore):
     async def claim(self, key: str, token: str, lease: float) -> Claim:
         """See :meth:`IdempotencyStore.claim`."""
         with redis_errors("idempotency claim"):
-            result = await self._claim(keys=[self._key(key)], args=[token, int(lease * 1000)])
-        text = result.decode() if isinstance(result, bytes) else str(result)
-        return "acquired" if text == "acquired" else "done" if text == "done" else "busy"
+            state, ttl_ms = await self._claim(
+                keys=[self._key(key)], args=[token, int(lease * 1000)]
+            )
+        text = state.decode() if isinstance(state, bytes) else str(state)
+        if text == "acquired":
+            return "acquired", 0.0
+        if text == "done":
+            return "done", 0.0
+        return "busy", max(int(ttl_ms), 0) / 1000
+
+    async def extend(self, key: str, token: str, lease: float) -> None:
+        """See :meth:`IdempotencyStore.extend`."""
+        with redis_errors("idempotency extend"):
+            await self._extend(keys=[self._key(key)], args=[token, int(lease * 1000)])
 
     async def complete(self, key: str, token: str, ttl: float) -> None:
         """See :meth:`IdempotencyStore.complete`."""
@@ -175,7 +209,7 @@ def idempotent(
     store: IdempotencyStore,
     *,
     ttl: float = 86_400.0,
-    lease: float = 60.0,
+    lease: float = 10.0,
     key: Callable[[Event], str] | None = None,
     namespace: str | None = None,
 ) -> Callable[[H], H]:
@@ -183,13 +217,15 @@ def idempotent(
 
     A duplicate delivery of a handled event returns without calling the handler. A duplicate
     that arrives while another consumer is still handling it raises
-    :class:`DuplicateInProgressError` (transient), so the bus retries it later. A failing
-    handler releases the key, so its retry runs.
+    :class:`DuplicateInProgressError` (transient, ``retry_after`` = the holder's remaining
+    lease), so the bus retries it later. A failing handler releases the key, so its retry runs.
+    While the handler runs its lease is renewed every ``lease / 3`` seconds; a consumer that
+    crashes stops renewing and its lease lapses within ``lease`` seconds.
 
     Args:
         store: :class:`MemoryIdempotencyStore` or :class:`RedisIdempotencyStore`.
         ttl: Seconds a handled key is remembered.
-        lease: Seconds a key stays "in progress" (set above the handler's longest run).
+        lease: Seconds an "in progress" key survives without renewal.
         key: Derive the key from the event (default: ``event.id``).
         namespace: Separates handlers sharing a store (default: the handler's qualified name).
     """
@@ -203,19 +239,33 @@ def idempotent(
         async def wrapper(event: Event) -> Any:
             name = f"{space}:{key(event) if key else event.id}"
             token = os.urandom(8).hex()
-            state = await store.claim(name, token, lease)
+            state, remaining = await store.claim(name, token, lease)
             if state == "done":
                 return None
             if state == "busy":
-                raise DuplicateInProgressError(f"event {event.id} is being handled elsewhere")
+                raise DuplicateInProgressError(
+                    f"event {event.id} is being handled elsewhere", retry_after=remaining
+                )
+            renewal = asyncio.create_task(_renew(store, name, token, lease))
             try:
                 result = await handler(event)
             except BaseException:
+                renewal.cancel()
                 await store.release(name, token)
                 raise
+            renewal.cancel()
             await store.complete(name, token, ttl)
             return result
 
         return wrapper  # type: ignore[return-value]  # same call signature as the handler
 
     return decorator
+
+
+async def _renew(store: IdempotencyStore, name: str, token: str, lease: float) -> None:
+    while True:
+        await asyncio.sleep(lease / 3)
+        try:
+            await store.extend(name, token, lease)
+        except CommunicationsError as exc:  # the lease may lapse; the handler goes on
+            log.warning("events: could not renew the idempotency lease of %s: %s", name, exc)
