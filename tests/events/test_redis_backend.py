@@ -50,3 +50,53 @@ async def test_trimming_keeps_events_for_a_declared_group_whose_consumers_are_do
     async with audit2:
         await eventually(lambda: len(audited) == 300, timeout=10)
     assert sorted(audited) == list(range(300))
+
+
+async def test_idle_consumers_leave_their_groups_on_stop(redis_url: str, aredis) -> None:
+    """A consumer with nothing pending is deleted from the group when its bus stops."""
+    for _ in range(3):
+        bus = _bus(redis_url)
+        got: list[int] = []
+        bus.subscribe("c.t", _sink(got), group="g")
+        async with bus:
+            await bus.publish("c.t", 1)
+            await eventually(lambda: got == [1])  # noqa: B023 -- awaited inside the loop body
+    groups = await aredis.xinfo_groups("{dotmac:events:c.t}")
+    assert [int(g["consumers"]) for g in groups] == [0]
+
+
+def _sink(sink: list[int]):
+    async def handle(event: Event) -> None:
+        sink.append(event.data)
+
+    return handle
+
+
+async def test_dead_letter_group_filter_reaches_older_letters(redis_url: str) -> None:
+    """list(group=...) finds a group's letters behind many newer letters of another group."""
+    bus = EventBus(
+        RedisStreamsBackend(redis_url, discovery_interval=0.05), poll_interval=0.05,
+        max_attempts=1,
+    )  # fmt: skip
+
+    async def fail(event: Event) -> None:
+        raise RuntimeError("no")
+
+    bus.subscribe("old.t", fail, group="rare")
+    async with bus:
+        await bus.publish("old.t", 0)
+        await eventually_count(bus, "rare", 1)
+        await bus.unsubscribe(bus.subscriptions[0])
+        bus.subscribe("old.t", fail, group="noisy")
+        await bus.ready()
+        await bus.publish_many([("old.t", n) for n in range(250)])
+        await eventually_count(bus, "noisy", 250, limit=1000)
+        assert len(await bus.dead_letters.list(group="rare", limit=5)) == 1
+
+
+async def eventually_count(bus: EventBus, group: str, count: int, limit: int = 100) -> None:
+    async def enough() -> None:
+        while len(await bus.dead_letters.list(group=group, limit=limit)) < count:  # noqa: ASYNC110 -- polls Redis
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(enough(), 15)

@@ -230,13 +230,24 @@ class RedisStreamsBackend(EventBackend):
         """Newest first, across topics."""
         topics = [topic] if topic is not None else await self.matching_topics("#")
         letters: list[DeadLetter] = []
+        page = min(max(limit, 100), 1000)
         for name in topics:
-            async with bounded_redis_call("events dead letters", self.timeout):
-                rows: Any = await self.client.xrevrange(self.dead_letter_key(name), count=limit * 4)
-            for entry_id, fields in rows:
-                letter = _dead_letter(name, _text(entry_id), fields)
-                if group is None or letter.group == group:
-                    letters.append(letter)
+            # Page backwards until this topic gave `limit` matches or ran out: a group filter
+            # must not miss older letters behind other groups' newer ones.
+            found, upper = 0, "+"
+            while found < limit:
+                async with bounded_redis_call("events dead letters", self.timeout):
+                    rows: Any = await self.client.xrevrange(
+                        self.dead_letter_key(name), max=upper, count=page
+                    )
+                for entry_id, fields in rows:
+                    letter = _dead_letter(name, _text(entry_id), fields)
+                    if group is None or letter.group == group:
+                        letters.append(letter)
+                        found += 1
+                if len(rows) < page:
+                    break
+                upper = "(" + _text(rows[-1][0])
         letters.sort(key=lambda d: d.time, reverse=True)
         return letters[:limit]
 
@@ -525,5 +536,16 @@ class _RedisConsumer(GroupConsumer):
             await pipe.execute()
 
     async def close(self) -> None:
-        """Stop; pending entries stay for other consumers to claim after ``claim_idle``."""
+        """Stop; pending entries stay for other consumers to claim after ``claim_idle``.
+
+        A consumer that holds nothing is deleted from its groups, so restarts do not pile up
+        consumer names in Redis.
+        """
         self._closed = True
+        for key in list(self._streams):
+            async with bounded_redis_call("events close", self._b.timeout):
+                held: Any = await self._b.client.xpending_range(
+                    key, self._group.key, min="-", max="+", count=1, consumername=self._name
+                )
+                if not held:
+                    await self._b.client.xgroup_delconsumer(key, self._group.key, self._name)
