@@ -35,6 +35,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--lifetime", type=float, default=60.0, help="stop after this long")
     parser.add_argument("--claim-idle", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--record-start", type=int, default=0, help="1: also record each start")
     return parser.parse_args()
 
 
@@ -54,13 +55,16 @@ async def _main(args: argparse.Namespace) -> None:
             "attempt": event.attempt,
             "pid": pid,
             "label": args.label,
+            "key": event.key,
+            "data": event.data,
         }
         await recorder.rpush(args.results, json.dumps(record))
 
     async def handle(event: Event) -> None:
         nonlocal handled
-        if args.stall:
+        if args.stall or args.record_start:
             await record("start", event)
+        if args.stall:
             await asyncio.sleep(args.stall)
         if args.sleep:
             await asyncio.sleep(args.sleep)

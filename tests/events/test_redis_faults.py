@@ -290,14 +290,19 @@ async def test_every_key_of_a_topic_shares_one_hash_tag(
         keys = sorted([key.decode() async for key in aredis.scan_iter(match="*tags.item*")])
         release.set()
 
-    assert keys == [tag, f"{tag}:dlq", f"{tag}:failures:g|tags.*"]
-    assert len({key_slot(key.encode()) for key in keys}) == 1
+    lanes = [backend.lane_key("tags.item", n) for n in range(backend.key_lanes)]
+    leases = [k for k in keys if k.startswith(f"{tag}:lease:g|tags.*:")]
+    assert leases  # the consumer holds the lanes it reads
     assert keys == sorted(
         [
             backend.stream_key("tags.item"),
             backend.dead_letter_key("tags.item"),
             f"{tag}:failures:g|tags.*",
+            *lanes,
+            *leases,
         ]
     )
+    assert all(key.startswith(tag) for key in keys)
+    assert len({key_slot(key.encode()) for key in keys}) == 1
     # Once the retry succeeded and was acknowledged, its failure count is gone.
     assert await aredis.exists(f"{tag}:failures:g|tags.*") == 0

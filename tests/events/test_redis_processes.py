@@ -244,3 +244,83 @@ async def test_same_key_events_are_handled_in_order_and_never_concurrently(
     assert overlaps == []
     assert seen == {f"k{k}": list(range(per_key)) for k in range(keys)}
     assert peak > 1  # different keys did run side by side
+
+
+def _key_order_problems(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, list[int]]]:
+    """Per key: overlapping runs (a start before the previous done) and the order done."""
+    running: dict[str, int] = {}
+    overlaps: list[str] = []
+    done: defaultdict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        key = row["key"]
+        if row["phase"] == "start":
+            if key in running:
+                overlaps.append(key)
+            running[key] = row["pid"]
+        else:
+            running.pop(key, None)
+            done[key].append(row["data"])
+    return overlaps, done
+
+
+async def test_same_key_order_holds_across_processes(
+    redis_url: str, aredis: aioredis.Redis, workers: Workers
+) -> None:
+    """Three processes in one group: a key's events run one at a time, in publish order."""
+    keys, per_key = 12, 20
+    results = "results:lanes"
+    for n in range(3):
+        await workers.spawn(group="ordered", pattern="acct.*", results=results, label=f"w{n}",
+                            concurrency=4, sleep=0.002, record_start=1)  # fmt: skip
+    await workers.ready(results, 3)
+    await asyncio.sleep(1.0)  # the lanes spread out between the three consumers
+    bus = publisher(redis_url)
+    items = [
+        {"topic": "acct.tx", "data": seq, "key": f"k{k}"}
+        for seq in range(per_key)
+        for k in range(keys)
+    ]
+    async with bus:
+        for start in range(0, len(items), 30):
+            await bus.publish_many(items[start : start + 30])
+
+    async def all_done() -> bool:
+        return len(await records(aredis, results)) >= len(items)
+
+    await eventually(all_done, timeout=30, what="every keyed event handled")
+    rows = [json.loads(raw) for raw in await aredis.lrange(results, 0, -1)]
+    overlaps, done = _key_order_problems(rows)
+    assert overlaps == []
+    assert done == {f"k{k}": list(range(per_key)) for k in range(keys)}
+    assert len({row["pid"] for row in rows}) > 1  # the lanes were shared, not all on one
+
+
+async def test_a_killed_workers_lanes_are_taken_over_in_order(
+    redis_url: str, aredis: aioredis.Redis, workers: Workers
+) -> None:
+    """A lane holder killed mid-event is replaced after its lease lapses, order intact."""
+    results = "results:takeover"
+    first = await workers.spawn(group="g", pattern="acct.*", results=results, label="first",
+                                stall=30, claim_idle=1.0)  # fmt: skip
+    await workers.ready(results, 1)
+    bus = publisher(redis_url)
+    async with bus:
+        await bus.publish_many([{"topic": "acct.tx", "data": n, "key": "only"} for n in range(5)])
+
+    async def started() -> bool:
+        return len(await records(aredis, results, "start")) >= 1
+
+    await eventually(started, timeout=10, what="the first worker started an event")
+    first.kill()
+    await first.wait()
+    await workers.spawn(group="g", pattern="acct.*", results=results, label="second",
+                        claim_idle=1.0)  # fmt: skip
+
+    async def all_done() -> bool:
+        return len(await records(aredis, results)) >= 5
+
+    await eventually(all_done, timeout=20, what="the second worker finished the key")
+    done = await records(aredis, results)
+    assert [row["data"] for row in done] == [0, 1, 2, 3, 4]
+    assert {row["label"] for row in done} == {"second"}
+    assert done[0]["attempt"] >= 2  # the one the first worker was handling when it died

@@ -137,6 +137,10 @@ class EventsSettings(_Section):
     shutdown_timeout: PositiveSeconds = Field(
         10.0, description="Seconds to drain in-flight handlers when the bus stops."
     )
+    key_lanes: int = Field(
+        16, ge=0, le=1024,
+        description="Redis streams per topic for keyed events (per-key order across processes).",
+    )  # fmt: skip
 
     _check_url = field_validator("redis_url")(_check_redis_url)
 

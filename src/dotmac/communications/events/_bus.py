@@ -166,6 +166,7 @@ class EventBus:
                 maxlen=settings.maxlen,
                 dead_letter_maxlen=settings.dead_letter_maxlen,
                 claim_idle=settings.claim_idle_seconds,
+                key_lanes=settings.key_lanes,
             )
         elif settings.backend == "memory":
             backend = MemoryBackend(

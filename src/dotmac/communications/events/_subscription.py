@@ -462,9 +462,7 @@ class SubscriptionRunner:
             await asyncio.sleep(period)
             cutoff = time.monotonic() - period
             held = [d for d in self._in_flight.values() if d.started <= cutoff]
-            if not held:
-                continue
-            try:
+            try:  # also with nothing held: the backend renews leases and liveness here
                 await self.consumer.keepalive(held)
             except CommunicationsError as exc:
                 log.warning("events: keepalive failed: %s", exc)

@@ -51,6 +51,8 @@ class Delivery:
     started: float = field(default=0.0, compare=False)
     template: Event | None = field(default=None, compare=False, repr=False)
     """The memory backend's published event, copied afresh for each attempt."""
+    stream: str = ""
+    """The Redis stream the entry came from (a topic's main stream or one of its key lanes)."""
 
     def fresh_event(self) -> Event:
         """Decode the entry again (a retry must not see what a failed attempt changed).

@@ -4,13 +4,23 @@ Keys (``P`` is ``stream_prefix``; every key of one topic shares the hash tag ``{
 stream, its groups' failure counts and its dead letters can be changed in one transaction, and the
 same code runs on Redis Cluster):
 
-- ``{P:<topic>}`` — the stream; each entry has field ``e`` (the CloudEvents JSON) and, for a replay,
-  ``g`` (the only group that may handle it);
+- ``{P:<topic>}`` — the stream of events without a key; each entry has field ``e`` (the
+  CloudEvents JSON) and, for a replay, ``g`` (the only group that may handle it);
+- ``{P:<topic>}:lane:<n>`` — ``key_lanes`` streams for events with a key (``crc32(key) % lanes``);
+- ``{P:<topic>}:lease:<group>|<pattern>:<n>`` — which consumer of a group reads lane ``n``;
 - ``{P:<topic>}:dlq`` — dead letters of every group on that topic;
 - ``{P:<topic>}:failures:<group>|<pattern>`` — failed attempts per pending entry, so a claimer
   counts them;
 - ``P:topics`` — every topic ever published (consumers discover streams matching their pattern);
-- ``P:groups`` — when each group was first declared (its streams start there).
+- ``P:groups`` — when each group was first declared (its streams start there);
+- ``P:alive:<group>|<pattern>`` — the group's live consumers (for sharing the lanes fairly).
+
+**Per-key order across processes.** A lane is read by one consumer of a group at a time (a lease
+renewed while it lives); a consumer takes over a lane only after the previous holder released it
+with nothing in flight, or died and let its lease lapse, and it first re-handles what that holder
+left pending. Events with one key all go to one lane, so within a group they are handled in
+publish order and never concurrently, whichever process reads them. Lanes are shared out evenly
+between a group's live consumers.
 
 Each group is a Redis consumer group named ``<group>|<pattern>`` on every matching stream, created
 at the group's declaration time, so it receives every event published after it was first declared
@@ -22,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -47,6 +58,26 @@ log = logging.getLogger("dotmac.communications.events")
 
 FAILURES_TTL_SECONDS = 7 * 24 * 3600
 
+# KEYS[1]: a lane lease. ARGV: consumer, ttl ms. Renew only a lease we hold.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+# KEYS[1]: a lane lease. ARGV: consumer. Release only a lease we hold.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS[1]: a group's live consumers. ARGV: consumer, ttl ms. Returns how many are alive.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[2] * 4)
+return redis.call('ZCARD', KEYS[1])
+"""
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -70,6 +101,9 @@ class RedisStreamsBackend(EventBackend):
         claim_idle: Seconds a delivery may stay unacknowledged before another consumer claims it.
         discovery_interval: Seconds between looks for new topics matching a subscription.
         trim_interval: Seconds between trims of acknowledged entries.
+        key_lanes: Streams per topic for events with a key (per-key order across processes);
+            every publisher and consumer of a topic must use the same number. ``0`` puts keyed
+            events in the main stream (per-key order then holds within one process only).
         timeout: Deadline of each Redis operation (a blocking read gets its block time on top).
             The client it creates has no per-read socket timeout: one deadline per operation is
             as safe and much cheaper than a timer on every reply of a pipeline.
@@ -92,6 +126,7 @@ class RedisStreamsBackend(EventBackend):
         discovery_interval: float = 1.0,
         trim_interval: float = 10.0,
         timeout: float = 5.0,
+        key_lanes: int = 16,
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("RedisStreamsBackend: pass exactly one of url or client")
@@ -104,6 +139,14 @@ class RedisStreamsBackend(EventBackend):
             raise ConfigurationError(
                 "RedisStreamsBackend: maxlen and dead_letter_maxlen must be >= 1 and "
                 f"claim_idle > 0 (got {maxlen}, {dead_letter_maxlen}, {claim_idle})"
+            )
+        if (
+            isinstance(key_lanes, bool)
+            or not isinstance(key_lanes, int)
+            or not 0 <= key_lanes <= 1024
+        ):
+            raise ConfigurationError(
+                f"RedisStreamsBackend: key_lanes must be an int from 0 to 1024, got {key_lanes!r}"
             )
         if not discovery_interval > 0 or not trim_interval > 0 or not timeout > 0:
             raise ConfigurationError(
@@ -120,6 +163,10 @@ class RedisStreamsBackend(EventBackend):
         self.discovery_interval = discovery_interval
         self.trim_interval = trim_interval
         self.timeout = timeout
+        self.key_lanes = key_lanes
+        self._renew = self.client.register_script(_RENEW)
+        self._release = self.client.register_script(_RELEASE)
+        self._heartbeat = self.client.register_script(_HEARTBEAT)
         self.topics_key = f"{stream_prefix}:topics"
         self.groups_key = f"{stream_prefix}:groups"
         self._known_topics: set[str] = set()
@@ -128,6 +175,28 @@ class RedisStreamsBackend(EventBackend):
     def stream_key(self, topic: str) -> str:
         """The stream holding ``topic``'s events."""
         return tagged_key(f"{self.prefix}:{topic}")
+
+    def lane_key(self, topic: str, lane: int) -> str:
+        """Lane ``lane`` of ``topic`` (where events with a key go)."""
+        return tagged_key(f"{self.prefix}:{topic}", "lane", str(lane))
+
+    def lease_key(self, topic: str, group: GroupId, lane: int) -> str:
+        """Who in ``group`` reads lane ``lane`` of ``topic``."""
+        return tagged_key(f"{self.prefix}:{topic}", "lease", group.key, str(lane))
+
+    def alive_key(self, group: GroupId) -> str:
+        """The live consumers of ``group``."""
+        return f"{self.prefix}:alive:{group.key}"
+
+    def event_stream(self, event: Event) -> str:
+        """The stream ``event`` is stored in: a key lane, or the topic's main stream."""
+        if event.key is not None and self.key_lanes:
+            return self.lane_key(event.type, zlib.crc32(event.key.encode()) % self.key_lanes)
+        return self.stream_key(event.type)
+
+    def topic_streams(self, topic: str) -> list[str]:
+        """The main stream and every lane of ``topic``."""
+        return [self.stream_key(topic)] + [self.lane_key(topic, n) for n in range(self.key_lanes)]
 
     def dead_letter_key(self, topic: str) -> str:
         """The stream holding ``topic``'s dead letters."""
@@ -161,7 +230,7 @@ class RedisStreamsBackend(EventBackend):
             pipe.sadd(self.topics_key, *new_topics)
         for event in events:
             pipe.xadd(
-                self.stream_key(event.type),
+                self.event_stream(event),
                 {"e": event.to_json()},
                 maxlen=self.maxlen,
                 approximate=True,
@@ -195,16 +264,15 @@ class RedisStreamsBackend(EventBackend):
         return sorted(t for t in map(_text, members) if matcher.match(t))
 
     async def ensure_group_on(self, group: GroupId, topic: str) -> None:
-        """Create the Redis consumer group on ``topic``'s stream if it is not there yet."""
+        """Create the Redis consumer group on ``topic``'s streams (main and lanes) if missing."""
         start = await self._group_start_id(group)
-        async with bounded_redis_call("events create group", self.timeout):
-            try:
-                await self.client.xgroup_create(
-                    self.stream_key(topic), group.key, id=start, mkstream=True
-                )
-            except rexc.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        for stream in self.topic_streams(topic):
+            async with bounded_redis_call("events create group", self.timeout):
+                try:
+                    await self.client.xgroup_create(stream, group.key, id=start, mkstream=True)
+                except rexc.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
 
     async def ensure_declared_groups_on(self, topic: str) -> None:
         """Create on ``topic``'s stream every declared group whose pattern matches it.
@@ -303,15 +371,30 @@ def _dead_letter(topic: str, entry_id: str, fields: dict[Any, Any]) -> DeadLette
     )
 
 
+def _failure_field(delivery: Delivery) -> str:
+    # Entry ids are unique per stream only: a lane's entries are prefixed with their lane.
+    stream = delivery.stream
+    return (
+        f"{stream.rsplit(':', 1)[-1]}|{delivery.entry_id}"
+        if ":lane:" in stream
+        else (delivery.entry_id)
+    )
+
+
 class _RedisConsumer(GroupConsumer):
     def __init__(self, backend: RedisStreamsBackend, group: GroupId, name: str) -> None:
         self._b = backend
         self._group = group
         self._name = name
-        self._matcher = compile_pattern(group.pattern)
-        self._streams: dict[str, str] = {}  # stream key -> topic
+        self._streams: dict[str, str] = {}  # main stream key -> topic
+        self._lanes: dict[str, tuple[str, int]] = {}  # every known lane key -> (topic, lane)
+        self._held: dict[str, tuple[str, int]] = {}  # lanes whose lease we hold
+        self._outstanding: dict[str, int] = defaultdict(int)  # lane key -> unsettled deliveries
+        self._backlog: list[Delivery] = []  # taken over from a lane's previous holder
+        self._alive = 1
         self._next_discovery = 0.0
         self._next_claim = 0.0
+        self._next_lease = 0.0
         self._next_trim = 0.0
         self._claim_cursor: dict[str, str] = {}
         self._closed = False
@@ -327,11 +410,88 @@ class _RedisConsumer(GroupConsumer):
             if key not in self._streams:
                 await self._b.ensure_group_on(self._group, topic)
                 self._streams[key] = topic
+                for lane in range(self._b.key_lanes):
+                    self._lanes[self._b.lane_key(topic, lane)] = (topic, lane)
+
+    # ------------------------------------------------------------------------------- lanes
+    async def _share_lanes(self) -> None:
+        """Keep about a fair share of the lanes: take free ones, give back idle extras."""
+        now = time.monotonic()
+        if now < self._next_lease or not self._lanes:
+            return
+        self._next_lease = now + self._b.claim_idle / 4
+        ttl_ms = int(self._b.claim_idle * 1000)
+        await self._heartbeat()
+        share = -(-len(self._lanes) // max(self._alive, 1))  # ceiling division
+        for key, (topic, lane) in list(self._held.items()):
+            if len(self._held) <= share:
+                break
+            if not self._outstanding.get(key):
+                await self._release_lane(key, topic, lane)
+        for key, (topic, lane) in self._lanes.items():
+            if len(self._held) >= share:
+                break
+            if key in self._held:
+                continue
+            lease = self._b.lease_key(topic, self._group, lane)
+            async with bounded_redis_call("events lane lease", self._b.timeout):
+                taken = await self._b.client.set(lease, self._name, nx=True, px=ttl_ms)
+            if taken:
+                self._held[key] = (topic, lane)
+                await self._take_over(key, topic)
+
+    async def _heartbeat(self) -> None:
+        ttl_ms = int(self._b.claim_idle * 1000)
+        async with bounded_redis_call("events heartbeat", self._b.timeout):
+            self._alive = int(
+                await self._b._heartbeat(
+                    keys=[self._b.alive_key(self._group)], args=[self._name, ttl_ms]
+                )
+            )
+
+    async def _take_over(self, key: str, topic: str) -> None:
+        """Re-handle, first and in order, what the lane's previous holder left pending."""
+        cursor = "0-0"
+        while True:
+            async with bounded_redis_call("events lane takeover", self._b.timeout):
+                reply: Any = await self._b.client.xautoclaim(
+                    key, self._group.key, self._name, 0, cursor, count=500
+                )
+            cursor, entries = _text(reply[0]), reply[1]
+            deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+            if deleted:
+                await self._ack_ids({key: deleted})
+            if entries:
+                self._backlog.extend(await self._claimed(key, topic, entries))
+            if cursor == "0-0" or not entries:
+                return
+
+    async def _release_lane(self, key: str, topic: str, lane: int) -> None:
+        lease = self._b.lease_key(topic, self._group, lane)
+        async with bounded_redis_call("events lane release", self._b.timeout):
+            await self._b._release(keys=[lease], args=[self._name])
+        self._held.pop(key, None)
+
+    async def _renew_leases(self) -> None:
+        ttl_ms = int(self._b.claim_idle * 1000)
+        for key, (topic, lane) in list(self._held.items()):
+            lease = self._b.lease_key(topic, self._group, lane)
+            async with bounded_redis_call("events lane renew", self._b.timeout):
+                kept = await self._b._renew(keys=[lease], args=[self._name, ttl_ms])
+            if not int(kept):
+                # Lapsed (this process stalled longer than claim_idle): another consumer may
+                # own the lane now; stop reading it.
+                log.warning("events: lost the lease of %s; another consumer reads it now", key)
+                self._held.pop(key, None)
 
     # -------------------------------------------------------------------------------- fetch
     async def fetch(self, count: int, timeout: float) -> list[Delivery]:
         """Claim idle entries (now and then), else XREADGROUP new ones (blocking)."""
         await self._discover()
+        await self._share_lanes()
+        if self._backlog:
+            taken, self._backlog = self._backlog[:count], self._backlog[count:]
+            return self._track(taken)
         claimed = await self._claim(count)
         if claimed:
             return claimed
@@ -343,7 +503,7 @@ class _RedisConsumer(GroupConsumer):
             await asyncio.sleep(min(timeout, self._b.discovery_interval))
             return []
         block_ms = max(1, int(min(timeout, self._b.discovery_interval) * 1000))
-        streams: Any = dict.fromkeys(self._streams, ">")
+        streams: Any = dict.fromkeys([*self._streams, *self._held], ">")
         async with bounded_redis_call("events fetch", block_ms / 1000 + self._b.timeout):
             try:
                 reply: Any = await self._b.client.xreadgroup(
@@ -356,25 +516,42 @@ class _RedisConsumer(GroupConsumer):
                 # deleted the key): create the groups again on the next call.
                 log.warning("events: consumer group missing, recreating: %s", exc)
                 self._streams.clear()
+                self._held.clear()
                 self._next_discovery = 0.0
                 return []
         out: list[Delivery] = []
         foreign: dict[str, list[str]] = defaultdict(list)
         for stream, entries in reply or ():
             key = _text(stream)
-            topic = self._streams.get(key) or key
+            topic = self._streams.get(key) or self._lanes.get(key, (key, 0))[0]
             for entry_id, fields in entries:
-                delivery = self._delivery(topic, _text(entry_id), fields, 1, 0)
+                delivery = self._delivery(key, topic, _text(entry_id), fields, 1, 0)
                 if delivery is None:
                     foreign[key].append(_text(entry_id))
                 else:
                     out.append(delivery)
         if foreign:
             await self._ack_ids(foreign)
-        return out
+        return self._track(out)
 
-    def _delivery(
-        self, topic: str, entry_id: str, fields: dict[Any, Any], deliveries: int, failures: int
+    def _track(self, deliveries: list[Delivery]) -> list[Delivery]:
+        for delivery in deliveries:
+            if delivery.stream in self._lanes:
+                self._outstanding[delivery.stream] += 1
+        return deliveries
+
+    def _untrack(self, delivery: Delivery) -> None:
+        if delivery.stream in self._lanes and self._outstanding.get(delivery.stream):
+            self._outstanding[delivery.stream] -= 1
+
+    def _delivery(  # noqa: PLR0917 -- one private call shape, used from three places
+        self,
+        stream: str,
+        topic: str,
+        entry_id: str,
+        fields: dict[Any, Any],
+        deliveries: int,
+        failures: int,
     ) -> Delivery | None:
         raw = fields.get(b"e")
         target = fields.get(b"g")
@@ -382,13 +559,16 @@ class _RedisConsumer(GroupConsumer):
             return None  # a replay meant for another group
         attempt = max(deliveries, failures + 1)
         if not isinstance(raw, bytes):
-            return Delivery(entry_id, topic, b"", None, attempt, "stream entry has no 'e' field")
+            error = "stream entry has no 'e' field"
+            return Delivery(entry_id, topic, b"", None, attempt, error, stream=stream)
         try:
-            return Delivery(entry_id, topic, raw, Event.from_json(raw, attempt=attempt), attempt)
+            event = Event.from_json(raw, attempt=attempt)
         except EventDecodeError as exc:
-            return Delivery(entry_id, topic, raw, None, attempt, str(exc))
+            return Delivery(entry_id, topic, raw, None, attempt, str(exc), stream=stream)
+        return Delivery(entry_id, topic, raw, event, attempt, stream=stream)
 
     async def _claim(self, count: int) -> list[Delivery]:
+        # Main streams only: a lane's pending entries belong to its lease holder.
         now = time.monotonic()
         if now < self._next_claim or not self._streams:
             return []
@@ -428,18 +608,20 @@ class _RedisConsumer(GroupConsumer):
 
     async def _claimed(self, key: str, topic: str, entries: list[Any]) -> list[Delivery]:
         ids = [_text(entry_id) for entry_id, _ in entries]
+        lane = key.rsplit(":", 1)[-1] if key in self._lanes else None
+        fields = [f"{lane}|{i}" for i in ids] if lane is not None else ids
         failures_key = self._b.failures_key(topic, self._group)
         async with bounded_redis_call("events claim", self._b.timeout):
             pending: Any = await self._b.client.xpending_range(
                 key, self._group.key, min=ids[0], max=ids[-1], count=len(ids) * 2,
                 consumername=self._name,
             )  # fmt: skip
-            failed = await self._b.client.hmget(failures_key, ids)
+            failed = await self._b.client.hmget(failures_key, fields)
         counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         out = []
-        for (entry_id, fields), fails in zip(entries, failed, strict=True):
+        for (entry_id, data), fails in zip(entries, failed, strict=True):
             eid = _text(entry_id)
-            delivery = self._delivery(topic, eid, fields, counts.get(eid, 2), int(fails or 0))
+            delivery = self._delivery(key, topic, eid, data, counts.get(eid, 2), int(fails or 0))
             if delivery is not None:
                 out.append(delivery)
         return out
@@ -449,8 +631,9 @@ class _RedisConsumer(GroupConsumer):
         if now < self._next_trim:
             return
         self._next_trim = now + self._b.trim_interval
-        for key, topic in list(self._streams.items()):
+        for topic in set(self._streams.values()):
             await self._b.ensure_declared_groups_on(topic)
+        for key in [*self._streams, *self._held]:
             async with bounded_redis_call("events trim", self._b.timeout):
                 groups = await self._b.client.xinfo_groups(key)
                 floor: tuple[int, int] | None = None
@@ -467,6 +650,9 @@ class _RedisConsumer(GroupConsumer):
                     )
 
     # ------------------------------------------------------------------------------ settle
+    def _stream(self, delivery: Delivery) -> str:
+        return delivery.stream or self._b.stream_key(delivery.topic)
+
     async def _ack_ids(self, ids: dict[str, list[str]]) -> None:
         pipe = self._b.client.pipeline(transaction=False)
         for key, entry_ids in ids.items():
@@ -479,10 +665,9 @@ class _RedisConsumer(GroupConsumer):
         by_stream: dict[str, list[str]] = defaultdict(list)
         retried: dict[str, list[str]] = defaultdict(list)
         for delivery in deliveries:
-            key = self._b.stream_key(delivery.topic)
-            by_stream[key].append(delivery.entry_id)
+            by_stream[self._stream(delivery)].append(delivery.entry_id)
             if delivery.attempt > 1:
-                retried[delivery.topic].append(delivery.entry_id)
+                retried[delivery.topic].append(_failure_field(delivery))
         pipe = self._b.client.pipeline(transaction=False)
         for key, ids in by_stream.items():
             pipe.xack(key, self._group.key, *ids)
@@ -490,12 +675,14 @@ class _RedisConsumer(GroupConsumer):
             pipe.hdel(self._b.failures_key(topic, self._group), *ids)
         async with bounded_redis_call("events ack", self._b.timeout):
             await pipe.execute()
+        for delivery in deliveries:
+            self._untrack(delivery)
 
     async def record_failure(self, delivery: Delivery) -> None:
         """HSET the failed attempt number (with a TTL so leftovers expire)."""
         key = self._b.failures_key(delivery.topic, self._group)
         pipe = self._b.client.pipeline(transaction=False)
-        pipe.hset(key, delivery.entry_id, delivery.attempt)
+        pipe.hset(key, _failure_field(delivery), delivery.attempt)
         pipe.expire(key, FAILURES_TTL_SECONDS)
         async with bounded_redis_call("events record failure", self._b.timeout):
             await pipe.execute()
@@ -519,16 +706,21 @@ class _RedisConsumer(GroupConsumer):
             maxlen=self._b.dead_letter_maxlen,
             approximate=True,
         )
-        pipe.xack(self._b.stream_key(delivery.topic), self._group.key, delivery.entry_id)
-        pipe.hdel(self._b.failures_key(delivery.topic, self._group), delivery.entry_id)
+        pipe.xack(self._stream(delivery), self._group.key, delivery.entry_id)
+        pipe.hdel(self._b.failures_key(delivery.topic, self._group), _failure_field(delivery))
         async with bounded_redis_call("events dead letter", self._b.timeout):
             await pipe.execute()
+        self._untrack(delivery)
 
     async def keepalive(self, deliveries: Sequence[Delivery]) -> None:
-        """XCLAIM ... JUSTID to ourselves: resets the idle time without counting a delivery."""
+        """Renew lane leases and liveness; XCLAIM ... JUSTID held entries to reset their idle."""
+        await self._heartbeat()
+        await self._renew_leases()
         by_stream: dict[str, list[str]] = defaultdict(list)
         for delivery in deliveries:
-            by_stream[self._b.stream_key(delivery.topic)].append(delivery.entry_id)
+            by_stream[self._stream(delivery)].append(delivery.entry_id)
+        if not by_stream:
+            return
         pipe = self._b.client.pipeline(transaction=False)
         for key, ids in by_stream.items():
             pipe.xclaim(key, self._group.key, self._name, 0, list[Any](ids), justid=True)
@@ -538,11 +730,17 @@ class _RedisConsumer(GroupConsumer):
     async def close(self) -> None:
         """Stop; pending entries stay for other consumers to claim after ``claim_idle``.
 
-        A consumer that holds nothing is deleted from its groups, so restarts do not pile up
-        consumer names in Redis.
+        Lanes with nothing in flight are released at once (others take them over without
+        waiting for the lease to lapse); a consumer that holds nothing is deleted from its
+        groups, so restarts do not pile up consumer names in Redis.
         """
         self._closed = True
-        for key in list(self._streams):
+        for key, (topic, lane) in list(self._held.items()):
+            if not self._outstanding.get(key):
+                await self._release_lane(key, topic, lane)
+        async with bounded_redis_call("events close", self._b.timeout):
+            await self._b.client.zrem(self._b.alive_key(self._group), self._name)
+        for key in [*self._streams, *self._lanes]:
             async with bounded_redis_call("events close", self._b.timeout):
                 held: Any = await self._b.client.xpending_range(
                     key, self._group.key, min="-", max="+", count=1, consumername=self._name
