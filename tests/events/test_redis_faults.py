@@ -10,26 +10,13 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from _support.redis_server import RedisServer
+from _support.waiting import eventually
 from dotmac.communications.errors import BackendUnavailableError, OperationTimeoutError
 from dotmac.communications.events import Event, EventBus, RedisStreamsBackend
 from dotmac.communications.observability import CheckResult
 from dotmac.communications.resilience import RetryPolicy
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float, what: str, every: float = 0.05
-) -> None:
-    """Poll ``check`` until it is true; fail the test after ``timeout`` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                if await check():
-                    return
-                await asyncio.sleep(every)
-    except TimeoutError:
-        pytest.fail(f"not within {timeout}s: {what}")
 
 
 def quick_backend(

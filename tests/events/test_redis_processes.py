@@ -12,7 +12,7 @@ import random
 import signal
 import sys
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from _support.waiting import eventually
 from dotmac.communications.events import Event, EventBus, RedisStreamsBackend
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("_worker.py")
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float, what: str, every: float = 0.05
-) -> None:
-    """Poll ``check`` until it is true; fail the test after ``timeout`` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                if await check():
-                    return
-                await asyncio.sleep(every)
-    except TimeoutError:
-        pytest.fail(f"not within {timeout}s: {what}")
 
 
 async def records(client: aioredis.Redis, key: str, phase: str = "done") -> list[dict[str, Any]]:
