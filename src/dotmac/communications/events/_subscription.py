@@ -108,6 +108,9 @@ def _name(handler: object) -> str:
     return getattr(handler, "__qualname__", None) or repr(handler)
 
 
+_PARKED_PER_SLOT = 10
+"""Parked deliveries allowed per max_in_flight slot before fetching pauses."""
+
 _TASK_GRACE = 2.0
 """Seconds a cancelled background task gets to finish before it is abandoned."""
 
@@ -153,7 +156,9 @@ class SubscriptionRunner:
         self._batch = batch_size
         self._low_water = max(1, min(batch_size, sub.max_in_flight // 2))
         self._poll = poll_interval
-        self._in_flight: dict[str, Delivery] = {}
+        # Keyed by (stream, entry id): ids repeat across streams (topics, key lanes).
+        self._in_flight: dict[tuple[str, str], Delivery] = {}
+        self._parked = 0  # deliveries waiting behind a busy key
         self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
         self._busy_keys: dict[str, deque[Delivery]] = {}
         self._acks: list[Delivery] = []
@@ -220,7 +225,7 @@ class SubscriptionRunner:
         # free slot would otherwise mean one round trip per event.
         low_water = self._low_water
         while not self.stopping():
-            room = self.sub.max_in_flight - len(self._in_flight)
+            room = self._room_left()
             if room < low_water:
                 self._room.clear()
                 await self._room.wait()
@@ -251,13 +256,14 @@ class SubscriptionRunner:
         counts: dict[str, int] = {}
         for delivery in batch:
             delivery.started = now
-            self._in_flight[delivery.entry_id] = delivery
+            self._in_flight[delivery.stream, delivery.entry_id] = delivery
             counts[delivery.topic] = counts.get(delivery.topic, 0) + 1
             key = delivery.event.key if delivery.event is not None else None
             if key is not None:
                 parked = self._busy_keys.get(key)
                 if parked is not None:
                     parked.append(delivery)
+                    self._parked += 1
                     continue
                 self._busy_keys[key] = deque()
             self._ready.put_nowait(delivery)
@@ -302,6 +308,7 @@ class SubscriptionRunner:
             return None
         parked = self._busy_keys.get(key)
         if parked:
+            self._parked -= 1
             return parked.popleft()
         self._busy_keys.pop(key, None)
         return None
@@ -384,6 +391,10 @@ class SubscriptionRunner:
         return delay
 
     def _schedule_retry(self, delivery: Delivery, delay: float) -> None:
+        if self._stopping:
+            # Stopping: left pending, so another consumer (or the next start) handles it.
+            self._abandon(delivery)
+            return
         timer = asyncio.create_task(self._retry_later(delivery, delay))
         self._timers.add(timer)
         timer.add_done_callback(self._timers.discard)
@@ -409,8 +420,10 @@ class SubscriptionRunner:
         try:
             await self.consumer.dead_letter(delivery, error)
         except CommunicationsError:
-            # Left pending: another consumer claims it and dead-letters it again.
+            # Left pending: it is claimed again after claim_idle and dead-lettered then.
             log.exception("events: could not dead-letter %s", delivery.entry_id)
+            self._abandon(delivery)
+            return
         else:
             attrs = {**self._attrs, "messaging.destination.name": delivery.topic}
             metrics.counter(_DEAD, unit="{message}").add(1, attrs)
@@ -429,11 +442,22 @@ class SubscriptionRunner:
         self._acks.append(delivery)
         self._ack_wakeup.set()
 
+    def _abandon(self, delivery: Delivery) -> None:
+        """Stop tracking a delivery left unsettled; the backend hands it out again later."""
+        self._settled(delivery)
+        self.consumer.abandon(delivery)
+
     def _settled(self, delivery: Delivery) -> None:
-        in_flight = self._in_flight
-        in_flight.pop(delivery.entry_id, None)
-        if self.sub.max_in_flight - len(in_flight) >= self._low_water:
+        self._in_flight.pop((delivery.stream, delivery.entry_id), None)
+        if self._room_left() >= self._low_water:
             self._room.set()
+
+    def _room_left(self) -> int:
+        # Events parked behind a key waiting for its retry do not hold up other keys; they are
+        # capped on their own so a stuck key cannot grow memory without bound.
+        if self._parked >= _PARKED_PER_SLOT * self.sub.max_in_flight:
+            return 0
+        return self.sub.max_in_flight - (len(self._in_flight) - self._parked)
 
     # ------------------------------------------------------------------------ acks, keepalive
     async def _ack_loop(self) -> None:

@@ -108,6 +108,9 @@ class GroupConsumer(ABC):
     async def keepalive(self, deliveries: Sequence[Delivery]) -> None:
         """Tell the backend these deliveries are still being worked on (no claim by others)."""
 
+    def abandon(self, delivery: Delivery) -> None:  # noqa: B027 -- optional hook, no-op default
+        """Forget a delivery the bus could not settle; it stays pending and is claimed later."""
+
     @abstractmethod
     async def close(self) -> None:
         """Stop fetching; pending deliveries stay pending for others to claim."""

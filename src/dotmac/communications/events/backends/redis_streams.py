@@ -326,8 +326,11 @@ class RedisStreamsBackend(EventBackend):
             gid = GroupId(letter.group, letter.pattern)
             await self.ensure_group_on(gid, letter.topic)
             pipe = self.client.pipeline(transaction=True)
+            # A keyed letter goes back to its key's lane: its group's lane holder handles it,
+            # never concurrently with that key's other events.
+            stream = self.event_stream(letter.event) if letter.event else None
             pipe.xadd(
-                self.stream_key(letter.topic),
+                stream or self.stream_key(letter.topic),
                 {"e": letter.raw, "g": gid.key},
                 maxlen=self.maxlen,
                 approximate=True,
@@ -389,14 +392,17 @@ class _RedisConsumer(GroupConsumer):
         self._streams: dict[str, str] = {}  # main stream key -> topic
         self._lanes: dict[str, tuple[str, int]] = {}  # every known lane key -> (topic, lane)
         self._held: dict[str, tuple[str, int]] = {}  # lanes whose lease we hold
+        self._taking_over: set[str] = set()  # held, not read until the old holder's entries are
+        self._draining: set[str] = set()  # held beyond our share: not read, released when idle
         self._outstanding: dict[str, int] = defaultdict(int)  # lane key -> unsettled deliveries
-        self._backlog: list[Delivery] = []  # taken over from a lane's previous holder
+        self._backlog: list[Delivery] = []  # received, not yet handed to the bus (tracked)
         self._alive = 1
         self._next_discovery = 0.0
         self._next_claim = 0.0
         self._next_lease = 0.0
         self._next_trim = 0.0
         self._claim_cursor: dict[str, str] = {}
+        self._started = False
         self._closed = False
 
     # ---------------------------------------------------------------------------- discovery
@@ -415,21 +421,23 @@ class _RedisConsumer(GroupConsumer):
 
     # ------------------------------------------------------------------------------- lanes
     async def _share_lanes(self) -> None:
-        """Keep about a fair share of the lanes: take free ones, give back idle extras."""
+        """Keep about a fair share of the lanes: take free ones, hand extras back once idle."""
         now = time.monotonic()
         if now < self._next_lease or not self._lanes:
             return
         self._next_lease = now + self._b.claim_idle / 4
-        ttl_ms = int(self._b.claim_idle * 1000)
         await self._heartbeat()
         share = -(-len(self._lanes) // max(self._alive, 1))  # ceiling division
-        for key, (topic, lane) in list(self._held.items()):
-            if len(self._held) <= share:
-                break
-            if not self._outstanding.get(key):
+        active = [key for key in self._held if key not in self._draining]
+        for key in active[share:]:
+            self._draining.add(key)  # stop reading it; released once nothing is in flight
+        for key in list(self._draining):
+            if not self._outstanding.get(key) and key in self._held:
+                topic, lane = self._held[key]
                 await self._release_lane(key, topic, lane)
+        ttl_ms = int(self._b.claim_idle * 1000)
         for key, (topic, lane) in self._lanes.items():
-            if len(self._held) >= share:
+            if len(self._held) - len(self._draining) >= share:
                 break
             if key in self._held:
                 continue
@@ -438,7 +446,9 @@ class _RedisConsumer(GroupConsumer):
                 taken = await self._b.client.set(lease, self._name, nx=True, px=ttl_ms)
             if taken:
                 self._held[key] = (topic, lane)
-                await self._take_over(key, topic)
+                self._taking_over.add(key)
+        for key in list(self._taking_over):
+            await self._take_over(key, self._held[key][0])
 
     async def _heartbeat(self) -> None:
         ttl_ms = int(self._b.claim_idle * 1000)
@@ -450,27 +460,51 @@ class _RedisConsumer(GroupConsumer):
             )
 
     async def _take_over(self, key: str, topic: str) -> None:
-        """Re-handle, first and in order, what the lane's previous holder left pending."""
+        """Re-handle, first and in order, what the lane's previous holder left pending.
+
+        Only entries idle for ``claim_idle`` are taken (a live holder keeps its own fresh), and
+        the lane is not read until no other consumer holds entries of it: a key's newer events
+        never overtake its older ones.
+        """
+        idle_ms = int(self._b.claim_idle * 1000)
         cursor = "0-0"
         while True:
             async with bounded_redis_call("events lane takeover", self._b.timeout):
                 reply: Any = await self._b.client.xautoclaim(
-                    key, self._group.key, self._name, 0, cursor, count=500
+                    key, self._group.key, self._name, idle_ms, cursor, count=500
                 )
             cursor, entries = _text(reply[0]), reply[1]
             deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
             if deleted:
                 await self._ack_ids({key: deleted})
             if entries:
-                self._backlog.extend(await self._claimed(key, topic, entries))
+                self._backlog.extend(self._track(await self._claimed(key, topic, entries)))
             if cursor == "0-0" or not entries:
-                return
+                break
+        async with bounded_redis_call("events lane takeover", self._b.timeout):
+            summary: Any = await self._b.client.xpending(key, self._group.key)
+        others = sum(
+            int(c["pending"]) for c in summary.get("consumers") or ()
+            if _text(c["name"]) != self._name
+        )  # fmt: skip
+        if not others:
+            self._taking_over.discard(key)
 
     async def _release_lane(self, key: str, topic: str, lane: int) -> None:
         lease = self._b.lease_key(topic, self._group, lane)
         async with bounded_redis_call("events lane release", self._b.timeout):
             await self._b._release(keys=[lease], args=[self._name])
+        self._forget_lane(key)
+
+    def _forget_lane(self, key: str) -> None:
         self._held.pop(key, None)
+        self._taking_over.discard(key)
+        self._draining.discard(key)
+        # Entries of the lane not yet handed out stay pending; the next holder takes them over.
+        for delivery in self._backlog:
+            if delivery.stream == key:
+                self._untrack(delivery)
+        self._backlog = [d for d in self._backlog if d.stream != key]
 
     async def _renew_leases(self) -> None:
         ttl_ms = int(self._b.claim_idle * 1000)
@@ -482,19 +516,22 @@ class _RedisConsumer(GroupConsumer):
                 # Lapsed (this process stalled longer than claim_idle): another consumer may
                 # own the lane now; stop reading it.
                 log.warning("events: lost the lease of %s; another consumer reads it now", key)
-                self._held.pop(key, None)
+                self._forget_lane(key)
 
     # -------------------------------------------------------------------------------- fetch
     async def fetch(self, count: int, timeout: float) -> list[Delivery]:
         """Claim idle entries (now and then), else XREADGROUP new ones (blocking)."""
+        if not self._started:
+            self._started = True
+            await self._heartbeat()  # count ourselves before taking any lane
         await self._discover()
         await self._share_lanes()
         if self._backlog:
             taken, self._backlog = self._backlog[:count], self._backlog[count:]
-            return self._track(taken)
+            return taken
         claimed = await self._claim(count)
         if claimed:
-            return claimed
+            return self._hand_out(claimed, count)
         try:
             await self._trim()
         except CommunicationsError as exc:  # trimming is housekeeping: never block consuming
@@ -503,7 +540,8 @@ class _RedisConsumer(GroupConsumer):
             await asyncio.sleep(min(timeout, self._b.discovery_interval))
             return []
         block_ms = max(1, int(min(timeout, self._b.discovery_interval) * 1000))
-        streams: Any = dict.fromkeys([*self._streams, *self._held], ">")
+        readable = [k for k in self._held if k not in self._taking_over and k not in self._draining]
+        streams: Any = dict.fromkeys([*self._streams, *readable], ">")
         async with bounded_redis_call("events fetch", block_ms / 1000 + self._b.timeout):
             try:
                 reply: Any = await self._b.client.xreadgroup(
@@ -532,7 +570,14 @@ class _RedisConsumer(GroupConsumer):
                     out.append(delivery)
         if foreign:
             await self._ack_ids(foreign)
-        return self._track(out)
+        return self._hand_out(self._track(out), count)
+
+    def _hand_out(self, deliveries: list[Delivery], count: int) -> list[Delivery]:
+        # XREADGROUP's COUNT applies per stream: keep what exceeds `count` for the next fetch.
+        if len(deliveries) > count:
+            self._backlog.extend(deliveries[count:])
+            return deliveries[:count]
+        return deliveries
 
     def _track(self, deliveries: list[Delivery]) -> list[Delivery]:
         for delivery in deliveries:
@@ -543,6 +588,10 @@ class _RedisConsumer(GroupConsumer):
     def _untrack(self, delivery: Delivery) -> None:
         if delivery.stream in self._lanes and self._outstanding.get(delivery.stream):
             self._outstanding[delivery.stream] -= 1
+
+    def abandon(self, delivery: Delivery) -> None:
+        """The bus gave up on settling it: stop counting it against its lane."""
+        self._untrack(delivery)
 
     def _delivery(  # noqa: PLR0917 -- one private call shape, used from three places
         self,
@@ -568,14 +617,19 @@ class _RedisConsumer(GroupConsumer):
         return Delivery(entry_id, topic, raw, event, attempt, stream=stream)
 
     async def _claim(self, count: int) -> list[Delivery]:
-        # Main streams only: a lane's pending entries belong to its lease holder.
         now = time.monotonic()
         if now < self._next_claim or not self._streams:
             return []
         self._next_claim = now + self._b.claim_idle / 4
         idle_ms = int(self._b.claim_idle * 1000)
         out: list[Delivery] = []
-        for key, topic in list(self._streams.items()):
+        # Main streams, and the lanes we read: a lane entry whose settling failed goes idle
+        # (nothing keeps it alive) and is handed out again from here.
+        streams = [
+            *self._streams.items(),
+            *((k, t) for k, (t, _) in self._held.items() if k not in self._taking_over),
+        ]
+        for key, topic in streams:
             if len(out) >= count:
                 break
             cursor = self._claim_cursor.get(key, "0-0")
@@ -603,7 +657,7 @@ class _RedisConsumer(GroupConsumer):
                 )
                 await self._ack_ids({key: deleted})
             if entries:
-                out.extend(await self._claimed(key, topic, entries))
+                out.extend(self._track(await self._claimed(key, topic, entries)))
         return out
 
     async def _claimed(self, key: str, topic: str, entries: list[Any]) -> list[Delivery]:
@@ -619,11 +673,16 @@ class _RedisConsumer(GroupConsumer):
             failed = await self._b.client.hmget(failures_key, fields)
         counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         out = []
+        foreign = []
         for (entry_id, data), fails in zip(entries, failed, strict=True):
             eid = _text(entry_id)
             delivery = self._delivery(key, topic, eid, data, counts.get(eid, 2), int(fails or 0))
-            if delivery is not None:
+            if delivery is None:
+                foreign.append(eid)  # a replay for another group: ours to acknowledge away
+            else:
                 out.append(delivery)
+        if foreign:
+            await self._ack_ids({key: foreign})
         return out
 
     async def _trim(self) -> None:
@@ -714,8 +773,11 @@ class _RedisConsumer(GroupConsumer):
 
     async def keepalive(self, deliveries: Sequence[Delivery]) -> None:
         """Renew lane leases and liveness; XCLAIM ... JUSTID held entries to reset their idle."""
-        await self._heartbeat()
+        await self._heartbeat()  # also before any lane exists: fair shares need the count
         await self._renew_leases()
+        # Also from here: a saturated consumer rarely fetches, yet must hand lanes over.
+        self._next_lease = 0.0
+        await self._share_lanes()
         by_stream: dict[str, list[str]] = defaultdict(list)
         for delivery in deliveries:
             by_stream[self._stream(delivery)].append(delivery.entry_id)
