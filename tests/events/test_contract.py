@@ -523,3 +523,27 @@ async def test_dead_letters_can_be_switched_off(make_bus) -> None:
         await eventually(lambda: calls == [1, 2])
         await eventually(lambda: metrics.value("dotmac.events.dropped") == 1)
         assert await bus.dead_letters.list() == []
+
+
+async def test_a_key_waiting_for_its_retry_does_not_hold_up_other_keys(make_bus) -> None:
+    """Events parked behind a retrying key do not fill max_in_flight for everyone else."""
+    bus = make_bus()
+    order: list[str] = []
+    policy = RetryPolicy(max_attempts=2, initial_delay=0.6, max_delay=0.6, jitter=False,
+                         retry_on=lambda exc: True)  # fmt: skip
+
+    @bus.subscribe("hol.*", group="g", retry=policy, max_in_flight=4)
+    async def handle(event: Event) -> None:
+        order.append(f"{event.key}:{event.data}:{event.attempt}")
+        if event.key == "stuck" and event.data == 0 and event.attempt == 1:
+            raise RuntimeError("retry me later")
+
+    async with bus:
+        await bus.publish_many([{"topic": "hol.t", "data": n, "key": "stuck"} for n in range(6)])
+        await bus.publish_many([{"topic": "hol.t", "data": n, "key": f"free{n}"} for n in range(6)])
+        await eventually(lambda: len(order) == 13)
+    retry_at = order.index("stuck:0:2")
+    assert all(order.index(f"free{n}:{n}:1") < retry_at for n in range(6))
+    assert [o for o in order if o.startswith("stuck")] == [
+        "stuck:0:1", "stuck:0:2", *(f"stuck:{n}:1" for n in range(1, 6))
+    ]  # fmt: skip

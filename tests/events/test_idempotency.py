@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from dotmac.communications.errors import BackendUnavailableError
 from dotmac.communications.events import (
     DuplicateInProgressError,
     Event,
@@ -76,3 +77,34 @@ async def test_duplicate_in_progress_says_when_to_retry() -> None:
     assert info.value.transient
     assert info.value.retry_after is not None
     assert 0 < info.value.retry_after <= 8
+
+
+class _CompleteFails(MemoryIdempotencyStore):
+    """A user store whose complete() hits an outage."""
+
+    async def complete(self, key: str, token: str, ttl: float) -> None:
+        raise BackendUnavailableError("store went away")
+
+
+async def test_a_failed_completion_does_not_rerun_the_handler() -> None:
+    """When marking done fails after the handler succeeded, the result still stands."""
+    calls: list[int] = []
+
+    @idempotent(_CompleteFails(), namespace="h")
+    async def handler(e: Event) -> str:
+        calls.append(e.attempt)
+        return "charged"
+
+    assert await handler(Event("a.b", 1)) == "charged"
+    assert calls == [1]
+
+
+async def test_a_full_memory_store_forgets_its_oldest_finished_keys() -> None:
+    """At max_keys the oldest done keys are evicted instead of refusing new events."""
+    store = MemoryIdempotencyStore(max_keys=3)
+    for n in range(3):
+        assert (await store.claim(f"k{n}", "t", 10))[0] == "acquired"
+        await store.complete(f"k{n}", "t", 3600)
+    assert (await store.claim("k3", "t", 10))[0] == "acquired"
+    assert (await store.claim("k0", "t", 10))[0] == "acquired"  # the oldest was forgotten
+    assert (await store.claim("k2", "u", 10))[0] == "done"

@@ -100,3 +100,73 @@ async def eventually_count(bus: EventBus, group: str, count: int, limit: int = 1
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(enough(), 15)
+
+
+async def test_same_entry_ids_on_two_streams_are_tracked_apart(redis_url: str) -> None:
+    """Two topics' events with the same entry id are each handled once, past claim_idle."""
+    bus = EventBus(
+        RedisStreamsBackend(redis_url, claim_idle=0.6, discovery_interval=0.05),
+        poll_interval=0.05,
+    )
+    runs: list[str] = []
+
+    @bus.subscribe("two.*", group="g", concurrency=2)
+    async def slow(event: Event) -> None:
+        runs.append(event.type)
+        await asyncio.sleep(1.5)
+
+    async with bus:
+        await bus.publish_many([("two.a", 1), ("two.b", 2)])
+        await asyncio.sleep(2.5)
+    assert sorted(runs) == ["two.a", "two.b"]
+
+
+async def test_fetch_never_returns_more_than_asked(redis_url: str) -> None:
+    """XREADGROUP's COUNT is per stream; the consumer still hands out at most `count`."""
+    from dotmac.communications.events.backends.base import GroupId
+
+    backend = RedisStreamsBackend(redis_url, discovery_interval=0.01, key_lanes=8)
+    group = GroupId("g", "many.*")
+    await backend.declare_group(group)
+    bus = EventBus(backend)
+    await bus.publish_many([{"topic": "many.t", "data": n, "key": f"k{n}"} for n in range(40)])
+    consumer = backend.consumer(group, "c1")
+    seen: list[int] = []
+    for _ in range(40):
+        batch = await consumer.fetch(4, 0.05)
+        assert len(batch) <= 4
+        seen += [d.event.data for d in batch if d.event is not None]
+        await consumer.ack(batch)
+        if len(seen) == 40:
+            break
+    assert sorted(seen) == list(range(40))
+    await consumer.close()
+    await backend.close()
+
+
+async def test_a_claimed_replay_for_another_group_is_acknowledged_away(
+    redis_url: str, aredis
+) -> None:
+    """A replay meant for another group, left pending by a dead consumer, leaves the PEL."""
+    bus = _bus(redis_url)
+    got: list[int] = []
+    bus.subscribe("rep.t", _sink(got), group="mine")
+    backend = bus.backend
+    assert isinstance(backend, RedisStreamsBackend)
+    async with bus:
+        await bus.publish("rep.t", 1)
+        await eventually(lambda: got == [1])
+    stream = backend.stream_key("rep.t")
+    await aredis.xadd(stream, {"e": b"{}", "g": b"other|rep.t"})
+    await aredis.xreadgroup("mine|rep.t", "dead", {stream: ">"})  # taken, never acknowledged
+    quick = EventBus(
+        RedisStreamsBackend(redis_url, claim_idle=0.2, discovery_interval=0.05), poll_interval=0.05
+    )
+    quick.subscribe("rep.t", _sink(got), group="mine")
+    async with quick:
+
+        async def drained() -> bool:
+            return (await aredis.xpending(stream, "mine|rep.t"))["pending"] == 0
+
+        await eventually(drained, timeout=5, what="the foreign replay acknowledged")
+    assert got == [1]

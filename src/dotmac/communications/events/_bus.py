@@ -534,8 +534,16 @@ class EventBus:
         if self._started:
             return
         await self.backend.start()
-        for sub in self._subscriptions:
-            await self._start_runner(sub)
+        try:
+            for sub in self._subscriptions:
+                await self._start_runner(sub)
+        except BaseException:
+            # Half-started: stop what did start, so nothing keeps consuming behind our back.
+            runners = list(self._runners.values())
+            self._runners.clear()
+            await asyncio.gather(*(r.stop(self.shutdown_timeout) for r in runners))
+            await self.backend.close()
+            raise
         self._started = True
 
     async def stop(self) -> None:

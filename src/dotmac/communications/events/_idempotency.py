@@ -92,8 +92,16 @@ class MemoryIdempotencyStore(IdempotencyStore):
         if len(self._keys) >= self._max_keys:
             now = self._clock.monotonic()
             self._keys = {k: v for k, v in self._keys.items() if v[1] > now}
+            # Still full: forget the oldest finished keys (dicts keep insertion order), never
+            # a key in progress. Forgetting early only weakens duplicate detection for those.
+            for stale in [k for k, v in self._keys.items() if v[0] == ""]:
+                if len(self._keys) < self._max_keys:
+                    break
+                del self._keys[stale]
             if len(self._keys) >= self._max_keys:
-                raise EventError(f"idempotency store is full ({self._max_keys} live keys)")
+                raise EventError(
+                    f"idempotency store is full: {self._max_keys} keys in progress", transient=True
+                )
         self._keys[key] = (token, self._clock.monotonic() + lease)
         return "acquired", 0.0
 
@@ -254,7 +262,12 @@ def idempotent(
                 await store.release(name, token)
                 raise
             renewal.cancel()
-            await store.complete(name, token, ttl)
+            try:
+                await store.complete(name, token, ttl)
+            except CommunicationsError as exc:
+                # The handler's work is done: failing now would run it again. The key stays
+                # "in progress" until its lease lapses, so a duplicate is refused meanwhile.
+                log.warning("events: could not mark %s done: %s", name, exc)
             return result
 
         return wrapper  # type: ignore[return-value]  # same call signature as the handler
