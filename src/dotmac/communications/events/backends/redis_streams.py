@@ -154,7 +154,7 @@ class RedisStreamsBackend(EventBackend):
             )
         self._owned = client is None
         self.client: aioredis.Redis = (
-            client if client is not None else create_redis_client(url or "")
+            client if client is not None else create_redis_client(url or "", socket_timeout=None)
         )
         self.prefix = stream_prefix
         self.maxlen = maxlen
