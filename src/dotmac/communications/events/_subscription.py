@@ -233,6 +233,8 @@ class SubscriptionRunner:
             try:
                 batch = await self.consumer.fetch(min(room, self._batch), self._poll)
             except Exception as exc:
+                # Deliberately broad: a consumer must survive anything; unexpected errors are
+                # logged with their traceback below, then it backs off and fetches again.
                 if self.stopping():
                     return
                 self.fetch_errors += 1
@@ -290,12 +292,13 @@ class SubscriptionRunner:
             try:
                 delay = await self._attempt(delivery)
             except Exception:
-                # Not acknowledged: it stays pending and is claimed again after claim_idle.
+                # Deliberately broad: a worker must outlive any one delivery. Not acknowledged,
+                # the delivery stays pending and is claimed again after claim_idle.
                 log.exception(
                     "events: could not settle %s entry %s; leaving it for a later claim",
                     delivery.topic, delivery.entry_id,
                 )  # fmt: skip
-                self._settled(delivery)
+                self._abandon(delivery)
                 delay = None
             if delay is not None:
                 self._schedule_retry(delivery, delay)
