@@ -481,6 +481,9 @@ class SubscriptionRunner:
             self._acks[:0] = batch
             self._ack_wakeup.set()
             return False
+        except asyncio.CancelledError:
+            self._acks[:0] = batch  # the final flush in stop() sends them
+            raise
         return True
 
     async def _keepalive_loop(self) -> None:
