@@ -266,7 +266,18 @@ class EventBus:
             topic, data, key=key, headers=headers, tenant_id=tenant_id, subject=subject,
             correlation_id=correlation_id, causation_id=causation_id,
         )  # fmt: skip
-        await self._send([event])
+        if tracing.is_active():
+            await self._send([event])
+            return event
+        # Hot path, flattened: one coroutine between the caller and the backend.
+        event.data_json(max_bytes=self.max_event_bytes)
+        events = [event]
+        start = time.perf_counter()
+        try:
+            await self.backend.publish(events, self.publish_timeout)
+        except CommunicationsError as exc:
+            await self._retry_publish(events, exc, start)
+        self._count_published(events, start)
         return event
 
     async def publish_many(
@@ -338,27 +349,33 @@ class EventBus:
         max_bytes = self.max_event_bytes
         for event in events:
             event.data_json(max_bytes=max_bytes)  # validates; backends reuse the cached bytes
-        items = events
         start = time.perf_counter()
         try:
-            await self.backend.publish(items, self.publish_timeout)
+            await self.backend.publish(events, self.publish_timeout)
         except CommunicationsError as exc:
-            # The first attempt runs bare (no policy overhead on the hot path); the policy
-            # takes over from the second, and the first failure counts as its attempt 1.
-            delay = self.publish_retry.retry_delay(1, exc, elapsed=time.perf_counter() - start)
-            if delay is None:
-                raise
-            await self.clock.sleep(delay)
-            retry = dataclasses.replace(
-                self.publish_retry, max_attempts=max(self.publish_retry.max_attempts - 1, 1)
-            )
-            await retry.call(self.backend.publish, items, self.publish_timeout)
-        elapsed = time.perf_counter() - start
+            await self._retry_publish(events, exc, start)
+        self._count_published(events, start)
+
+    async def _retry_publish(
+        self, events: list[Event], exc: CommunicationsError, start: float
+    ) -> None:
+        # The first attempt runs bare (no policy overhead on the hot path); the policy takes
+        # over from the second, and the first failure counts as its attempt 1.
+        delay = self.publish_retry.retry_delay(1, exc, elapsed=time.perf_counter() - start)
+        if delay is None:
+            raise exc
+        await self.clock.sleep(delay)
+        retry = dataclasses.replace(
+            self.publish_retry, max_attempts=max(self.publish_retry.max_attempts - 1, 1)
+        )
+        await retry.call(self.backend.publish, events, self.publish_timeout)
+
+    def _count_published(self, events: list[Event], start: float) -> None:
         topic = events[0].type
         duration, sent = self._publish_metrics(topic)
         if self._remote:
             # A client operation's duration means a broker round trip; in memory there is none.
-            duration.record(elapsed)
+            duration.record(time.perf_counter() - start)
         if len(events) == 1 or all(event.type == topic for event in events):
             sent.add(len(events))
         else:

@@ -159,7 +159,8 @@ class SubscriptionRunner:
         # Keyed by (stream, entry id): ids repeat across streams (topics, key lanes).
         self._in_flight: dict[tuple[str, str], Delivery] = {}
         self._parked = 0  # deliveries waiting behind a busy key
-        self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._ready: deque[Delivery] = deque()
+        self._ready_wakeup = asyncio.Event()
         self._busy_keys: dict[str, deque[Delivery]] = {}
         self._acks: list[Delivery] = []
         self._ack_wakeup = asyncio.Event()
@@ -205,7 +206,7 @@ class SubscriptionRunner:
         await _cancel_and_wait(list(self._timers), _TASK_GRACE)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while self._active or not self._ready.empty():
+                while self._active or self._ready:
                     self._idle.clear()
                     await self._idle.wait()
         await _cancel_and_wait(self._tasks, _TASK_GRACE)
@@ -268,7 +269,8 @@ class SubscriptionRunner:
                     self._parked += 1
                     continue
                 self._busy_keys[key] = deque()
-            self._ready.put_nowait(delivery)
+            self._ready.append(delivery)
+        self._ready_wakeup.set()
         consumed = metrics.counter(_CONSUMED, unit="{message}")
         for topic, count in counts.items():
             consumed.add(count, {**self._attrs, "messaging.destination.name": topic})
@@ -276,14 +278,19 @@ class SubscriptionRunner:
     # ------------------------------------------------------------------------------ handling
     async def _worker(self) -> None:
         ready = self._ready
+        wakeup = self._ready_wakeup
         while True:
-            delivery = ready.get_nowait() if ready.qsize() else await ready.get()
+            if not ready:
+                wakeup.clear()
+                await wakeup.wait()
+                continue
+            delivery = ready.popleft()
             self._active += 1
             try:
                 await self._chain(delivery)
             finally:
                 self._active -= 1
-                if not self._active and ready.empty():
+                if not self._active and not ready:
                     self._idle.set()
 
     async def _chain(self, first: Delivery) -> None:
@@ -410,7 +417,8 @@ class SubscriptionRunner:
             delivery.event = delivery.fresh_event()
         except EventDecodeError as exc:  # pragma: no cover - it decoded the first time
             delivery.event, delivery.error = None, str(exc)
-        self._ready.put_nowait(delivery)
+        self._ready.append(delivery)
+        self._ready_wakeup.set()
 
     async def _dead_letter(self, delivery: Delivery, error: str) -> None:
         if not self._keep_dead_letters:
