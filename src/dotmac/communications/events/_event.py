@@ -244,6 +244,34 @@ class Event:
         new.attempt = attempt
         return new
 
+    def to_record(self) -> tuple[Any, ...]:
+        """Return the event as a flat tuple of immutable values (the memory backend's entry).
+
+        A tuple of strings, numbers and bytes is not tracked by the garbage collector, so
+        thousands of queued events cost it nothing; :meth:`from_record` rebuilds the event.
+        """
+        headers = tuple(self.headers.items()) if self.headers else None
+        return (
+            self.type, self.id, self.source, self._ts, self._dt, self.datacontenttype,
+            self.subject, self.key, self.tenant_id, self.correlation_id, self.causation_id,
+            self.traceparent, headers, self.data_json(),
+        )  # fmt: skip
+
+    @classmethod
+    def from_record(cls, record: tuple[Any, ...], attempt: int = 1) -> Event:
+        """Rebuild an independent event from :meth:`to_record` (``data`` decoded afresh)."""
+        new = object.__new__(cls)
+        (
+            new.type, new.id, new.source, new._ts, new._dt, new.datacontenttype, new.subject,
+            new.key, new.tenant_id, new.correlation_id, new.causation_id, new.traceparent,
+            headers, raw,
+        ) = record  # fmt: skip
+        new.headers = dict(headers) if headers else {}
+        new._data = orjson.loads(raw)
+        new._data_json = raw
+        new.attempt = attempt
+        return new
+
     # ------------------------------------------------------------------------------ codec
     def to_cloudevent(self) -> dict[str, Any]:
         """Return the structured-mode CloudEvents JSON object (``time`` as RFC 3339 text)."""

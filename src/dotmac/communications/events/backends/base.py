@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from dotmac.communications.events._event import Event
 
@@ -44,13 +44,13 @@ class Delivery:
     entry_id: str
     topic: str
     raw: bytes
-    """The entry as stored (CloudEvents JSON); empty for the memory backend's templates."""
+    """The entry as stored (CloudEvents JSON); empty on the memory backend (see ``record``)."""
     event: Event | None
     attempt: int = 1
     error: str | None = None
     started: float = field(default=0.0, compare=False)
-    template: Event | None = field(default=None, compare=False, repr=False)
-    """The memory backend's published event, copied afresh for each attempt."""
+    record: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+    """The memory backend's stored event (:meth:`Event.to_record`), rebuilt for each attempt."""
     stream: str = ""
     """The Redis stream the entry came from (a topic's main stream or one of its key lanes)."""
 
@@ -60,8 +60,8 @@ class Delivery:
         Raises:
             EventDecodeError: The stored entry is not a valid event.
         """
-        if self.template is not None:
-            return self.template.copy_for_delivery(self.attempt)
+        if self.record is not None:
+            return Event.from_record(self.record, self.attempt)
         return Event.from_json(self.raw, attempt=self.attempt)
 
 

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from dotmac.communications._clock import Clock, system_clock
 from dotmac.communications.errors import ConfigurationError, PublishTimeoutError
@@ -34,11 +35,9 @@ log = logging.getLogger("dotmac.communications.events")
 _DROPPED = "dotmac.events.dropped"
 
 
-@dataclass(slots=True)
-class _Entry:
-    id: str
-    topic: str
-    template: Event
+# An entry is a plain tuple (id, topic, Event.to_record()): all immutable values, so the garbage
+# collector stops tracking it and a long queue costs collections nothing.
+_Entry = tuple[str, str, tuple[Any, ...]]
 
 
 @dataclass(slots=True)
@@ -169,17 +168,17 @@ class MemoryBackend(EventBackend):
                         break  # backpressure: the slow path waits for room
                     group.make_room(1, maxlen)
             else:
-                entry = _Entry(str(next(self._ids)), event.type, event)
+                entry = (str(next(self._ids)), event.type, event.to_record())
                 for group in groups:
                     group.queue.append(entry)
                     group.available.set()
-                return [entry.id]
+                return [entry[0]]
         targets = [self._matching(event.type) for event in events]
         await self._wait_for_space(targets, timeout)
         ids = []
         for event, groups in zip(events, targets, strict=True):
-            entry = _Entry(str(next(self._ids)), event.type, event)
-            ids.append(entry.id)
+            entry = (str(next(self._ids)), event.type, event.to_record())
+            ids.append(entry[0])
             for group in groups:
                 group.queue.append(entry)
                 group.available.set()
@@ -226,18 +225,19 @@ class MemoryBackend(EventBackend):
 
     # -------------------------------------------------------------------------- dead letters
     def _add_dead(self, group: _Group, pending: _Pending, attempts: int, error: str) -> None:
-        entry = pending.entry
+        _, topic, record = pending.entry
+        event = Event.from_record(record)
         self._dead.append(
             DeadLetter(
                 id=str(next(self._dead_ids)),
-                topic=entry.topic,
+                topic=topic,
                 group=group.gid.group,
                 pattern=group.gid.pattern,
                 error=error,
                 attempts=attempts,
                 time=datetime.fromtimestamp(self.clock.time(), UTC),
-                raw=entry.template.to_json(),
-                event=entry.template,
+                raw=event.to_json(),
+                event=event,
             )
         )
 
@@ -262,7 +262,7 @@ class MemoryBackend(EventBackend):
         for letter in [d for d in self._dead if d.id in wanted]:
             group = self._group(GroupId(letter.group, letter.pattern))
             template = letter.event if letter.event is not None else Event.from_json(letter.raw)
-            entry = _Entry(str(next(self._ids)), letter.topic, template)
+            entry = (str(next(self._ids)), letter.topic, template.to_record())
             group.queue.append(entry)
             group.available.set()
             self._dead.remove(letter)
@@ -292,11 +292,9 @@ class _MemoryConsumer(GroupConsumer):
 
     def _deliver(self, entry: _Entry, deliveries: int, failures: int) -> Delivery:
         attempt = deliveries if deliveries > failures else failures + 1
-        template = entry.template
-        return Delivery(
-            entry.id, entry.topic, b"", template.copy_for_delivery(attempt), attempt,
-            template=template,
-        )  # fmt: skip
+        entry_id, topic, record = entry
+        event = Event.from_record(record, attempt)
+        return Delivery(entry_id, topic, b"", event, attempt, record=record)
 
     def _claim(self, count: int, now: float) -> list[Delivery]:
         # Scanning the pending list costs O(pending), so it runs a few times per claim_idle.
@@ -327,7 +325,7 @@ class _MemoryConsumer(GroupConsumer):
             pending = group.pending
             while queue and len(out) < count:
                 entry = queue.popleft()
-                pending[entry.id] = _Pending(entry, self._name, now, 1)
+                pending[entry[0]] = _Pending(entry, self._name, now, 1)
                 out.append(self._deliver(entry, 1, 0))
             if out:
                 return out
