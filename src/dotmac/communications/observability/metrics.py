@@ -48,6 +48,8 @@ _AttrKey = tuple[tuple[str, str | int | float | bool], ...]
 _Kind = Literal["counter", "up_down_counter", "histogram"]
 
 _lock = threading.Lock()
+_generation = 0
+"""Bumped when cells or OTel instruments are replaced; bound instruments then re-resolve."""
 _enabled = True
 _instruments: dict[str, _Instrument] = {}
 # Library-local provider (``configure_telemetry(..., set_global=False)``); None: the global one.
@@ -112,23 +114,39 @@ class _Instrument:
     def _key(attributes: Attributes | None) -> _AttrKey:
         return tuple(sorted(attributes.items())) if attributes else ()
 
+    def _cell(self, key: _AttrKey) -> Any:
+        # A counter's running total is a _Cell, a histogram's a [count, sum, min, max] list:
+        # mutable, so bound instruments update them without a dict lookup.
+        cell = self._values.get(key)
+        if cell is None:
+            cell = self._values[key] = (
+                [0, 0.0, math.inf, -math.inf] if self.kind == "histogram" else _Cell()
+            )
+        return cell
+
     def _add(self, amount: float, attributes: Attributes | None, key: _AttrKey) -> None:
         self._otel_instrument().add(amount, attributes)
-        values = self._values
         with _lock:
-            values[key] = values.get(key, 0) + amount
+            self._cell(key).value += amount
 
     def _record(self, value: float, attributes: Attributes | None, key: _AttrKey) -> None:
         self._otel_instrument().record(value, attributes)
         with _lock:
-            stats = self._values.get(key)
-            if stats is None:
-                self._values[key] = [1, value, value, value]
-            else:
-                stats[0] += 1
-                stats[1] += value
-                stats[2] = min(stats[2], value)
-                stats[3] = max(stats[3], value)
+            _fold(self._cell(key), value)
+
+
+class _Cell:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: float = 0
+
+
+def _fold(stats: list[Any], value: float) -> None:
+    stats[0] += 1
+    stats[1] += value
+    stats[2] = min(stats[2], value)
+    stats[3] = max(stats[3], value)
 
 
 class Counter(_Instrument):
@@ -189,9 +207,15 @@ class Histogram(_Instrument):
 
 
 class BoundCounter:
-    """A counter (or up-down counter) with its attributes fixed; see :meth:`Counter.bind`."""
+    """A counter (or up-down counter) with its attributes fixed; see :meth:`Counter.bind`.
 
-    __slots__ = ("_attributes", "_instrument", "_key", "_monotonic")
+    It keeps direct references to the OTel instrument and its own running total, refreshed
+    when :func:`reset` or :func:`use_meter_provider` changes them: an ``add`` costs a lock and
+    an addition, not a key lookup.
+    """
+
+    __slots__ = ("_attributes", "_cell", "_generation", "_instrument", "_key", "_monotonic",
+                 "_otel")  # fmt: skip
 
     def __init__(
         self, instrument: _Instrument, attributes: Attributes | None, *, monotonic: bool = True
@@ -200,39 +224,63 @@ class BoundCounter:
         self._attributes = dict(attributes) if attributes else None
         self._key = _Instrument._key(attributes)
         self._monotonic = monotonic
+        self._generation = -1
+        self._otel: Any = None
+        self._cell: Any = None
 
     def add(self, amount: float = 1) -> None:
         """Add ``amount`` (>= 0 for a counter)."""
         if not _enabled:
             return
-        if self._monotonic and (amount < 0 or not math.isfinite(amount)):
+        if self._monotonic and not 0 <= amount < math.inf:
             raise ValueError(
                 f"counter {self._instrument.name!r}: amount must be finite and >= 0, got {amount}"
             )
-        self._instrument._add(amount, self._attributes, self._key)
+        if self._generation != _generation:
+            _resolve(self)
+        self._otel.add(amount, self._attributes)
+        with _lock:
+            self._cell.value += amount
 
 
 class BoundHistogram:
     """A histogram with its attributes fixed; see :meth:`Histogram.bind`."""
 
-    __slots__ = ("_attributes", "_instrument", "_key")
+    __slots__ = ("_attributes", "_cell", "_generation", "_instrument", "_key", "_otel")
 
     def __init__(self, instrument: _Instrument, attributes: Attributes | None) -> None:
         self._instrument = instrument
         self._attributes = dict(attributes) if attributes else None
         self._key = _Instrument._key(attributes)
+        self._generation = -1
+        self._otel: Any = None
+        self._cell: Any = None
 
     def record(self, value: float) -> None:
         """Record ``value``."""
-        if _enabled:
-            self._instrument._record(value, self._attributes, self._key)
+        if not _enabled:
+            return
+        if self._generation != _generation:
+            _resolve(self)
+        self._otel.record(value, self._attributes)
+        with _lock:
+            _fold(self._cell, value)
+
+
+def _resolve(bound: BoundCounter | BoundHistogram) -> None:
+    instrument = bound._instrument
+    bound._otel = instrument._otel_instrument()
+    with _lock:
+        bound._cell = instrument._cell(bound._key)
+        bound._generation = _generation
 
 
 def _public(value: Any) -> float | HistogramStats:
-    # Histogram aggregates are mutable lists internally; callers get a frozen copy.
+    # Aggregates are mutable internally; callers get a frozen copy.
     if isinstance(value, list):
         return HistogramStats(value[0], value[1], value[2], value[3])
-    return float(value) if isinstance(value, float) else value
+    total: float = value.value
+    return total
 
 
 def _get(kind: _Kind, cls: type[_Instrument], name: str, unit: str, description: str) -> Any:
@@ -324,9 +372,11 @@ def set_enabled(enabled: bool) -> None:
 
 def reset() -> None:
     """Forget every in-process value (tests); OTel instruments are kept."""
+    global _generation  # noqa: PLW0603 -- bound instruments re-resolve their cells
     with _lock:
         for inst in _instruments.values():
             inst._values.clear()
+        _generation += 1
 
 
 def use_meter_provider(provider: otel_metrics.MeterProvider | None) -> None:
@@ -338,11 +388,12 @@ def use_meter_provider(provider: otel_metrics.MeterProvider | None) -> None:
     Args:
         provider: The provider to use; ``None`` returns to the global one.
     """
-    global _meter_provider  # noqa: PLW0603 -- one process-wide binding, like the OTel global
+    global _meter_provider, _generation  # noqa: PLW0603 -- one process-wide binding
     with _lock:
         _meter_provider = provider
         for inst in _instruments.values():
             inst._otel = None
+        _generation += 1
 
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
