@@ -210,6 +210,12 @@ class SubscriptionRunner:
                     self._idle.clear()
                     await self._idle.wait()
         await _cancel_and_wait(self._tasks, _TASK_GRACE)
+        # What is left (waiting for a retry, parked behind its key, or still running past the
+        # drain timeout) stays pending in the backend; tell it, so its lanes can be released.
+        for delivery in list(self._in_flight.values()):
+            self._abandon(delivery)
+        self._busy_keys.clear()
+        self._parked = 0
         with contextlib.suppress(TimeoutError, CommunicationsError):
             async with asyncio.timeout(_TASK_GRACE):
                 await self._flush_acks()
@@ -504,3 +510,7 @@ class SubscriptionRunner:
                 await self.consumer.keepalive(held)
             except CommunicationsError as exc:
                 log.warning("events: keepalive failed: %s", exc)
+            except Exception:
+                # Deliberately broad: without this loop leases lapse and entries get claimed
+                # from under running handlers, so it must outlive any error.
+                log.exception("events: unexpected keepalive error")

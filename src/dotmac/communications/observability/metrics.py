@@ -236,11 +236,12 @@ class BoundCounter:
             raise ValueError(
                 f"counter {self._instrument.name!r}: amount must be finite and >= 0, got {amount}"
             )
-        if self._generation != _generation:
-            _resolve(self)
-        self._otel.add(amount, self._attributes)
-        with _lock:
+        with _lock:  # the generation check and the write together: reset() may run between
+            if self._generation != _generation:
+                _resolve(self)
+            otel = self._otel
             self._cell.value += amount
+        otel.add(amount, self._attributes)
 
 
 class BoundHistogram:
@@ -260,19 +261,21 @@ class BoundHistogram:
         """Record ``value``."""
         if not _enabled:
             return
-        if self._generation != _generation:
-            _resolve(self)
-        self._otel.record(value, self._attributes)
         with _lock:
+            if self._generation != _generation:
+                _resolve(self)
+            otel = self._otel
             _fold(self._cell, value)
+        otel.record(value, self._attributes)
 
 
 def _resolve(bound: BoundCounter | BoundHistogram) -> None:
+    # Called with _lock held, so a concurrent reset() or use_meter_provider() cannot leave the
+    # bound instrument on a stale cell or OTel instrument.
     instrument = bound._instrument
     bound._otel = instrument._otel_instrument()
-    with _lock:
-        bound._cell = instrument._cell(bound._key)
-        bound._generation = _generation
+    bound._cell = instrument._cell(bound._key)
+    bound._generation = _generation
 
 
 def _public(value: Any) -> float | HistogramStats:

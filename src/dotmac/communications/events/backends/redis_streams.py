@@ -396,6 +396,8 @@ class _RedisConsumer(GroupConsumer):
         self._draining: set[str] = set()  # held beyond our share: not read, released when idle
         self._outstanding: dict[str, int] = defaultdict(int)  # lane key -> unsettled deliveries
         self._backlog: list[Delivery] = []  # received, not yet handed to the bus (tracked)
+        self._tracked: set[tuple[str, str]] = set()  # (stream, id) we hold, handed out or not
+        self._lane_lock = asyncio.Lock()  # fetch and keepalive both manage lanes
         self._alive = 1
         self._next_discovery = 0.0
         self._next_claim = 0.0
@@ -422,6 +424,10 @@ class _RedisConsumer(GroupConsumer):
     # ------------------------------------------------------------------------------- lanes
     async def _share_lanes(self) -> None:
         """Keep about a fair share of the lanes: take free ones, hand extras back once idle."""
+        async with self._lane_lock:
+            await self._share_lanes_locked()
+
+    async def _share_lanes_locked(self) -> None:
         now = time.monotonic()
         if now < self._next_lease or not self._lanes:
             return
@@ -432,9 +438,11 @@ class _RedisConsumer(GroupConsumer):
         for key in active[share:]:
             self._draining.add(key)  # stop reading it; released once nothing is in flight
         for key in list(self._draining):
-            if not self._outstanding.get(key) and key in self._held:
-                topic, lane = self._held[key]
-                await self._release_lane(key, topic, lane)
+            held = self._held.get(key)
+            if held is None:
+                self._draining.discard(key)
+            elif not self._outstanding.get(key):
+                await self._release_lane(key, *held)
         ttl_ms = int(self._b.claim_idle * 1000)
         for key, (topic, lane) in self._lanes.items():
             if len(self._held) - len(self._draining) >= share:
@@ -448,7 +456,11 @@ class _RedisConsumer(GroupConsumer):
                 self._held[key] = (topic, lane)
                 self._taking_over.add(key)
         for key in list(self._taking_over):
-            await self._take_over(key, self._held[key][0])
+            held = self._held.get(key)
+            if held is None:
+                self._taking_over.discard(key)
+            else:
+                await self._take_over(key, held[0])
 
     async def _heartbeat(self) -> None:
         ttl_ms = int(self._b.claim_idle * 1000)
@@ -550,12 +562,8 @@ class _RedisConsumer(GroupConsumer):
             except rexc.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                # The stream or group vanished (Redis restarted without persistence, or someone
-                # deleted the key): create the groups again on the next call.
                 log.warning("events: consumer group missing, recreating: %s", exc)
-                self._streams.clear()
-                self._held.clear()
-                self._next_discovery = 0.0
+                await self._reset_streams()
                 return []
         out: list[Delivery] = []
         foreign: dict[str, list[str]] = defaultdict(list)
@@ -572,6 +580,15 @@ class _RedisConsumer(GroupConsumer):
             await self._ack_ids(foreign)
         return self._hand_out(self._track(out), count)
 
+    async def _reset_streams(self) -> None:
+        # A stream or group vanished (Redis restarted without persistence, or a key was
+        # deleted): give the lanes back and create everything again on the next call.
+        async with self._lane_lock:
+            self._streams.clear()
+            for key, (topic, lane) in list(self._held.items()):
+                await self._release_lane(key, topic, lane)
+        self._next_discovery = 0.0
+
     def _hand_out(self, deliveries: list[Delivery], count: int) -> list[Delivery]:
         # XREADGROUP's COUNT applies per stream: keep what exceeds `count` for the next fetch.
         if len(deliveries) > count:
@@ -580,12 +597,23 @@ class _RedisConsumer(GroupConsumer):
         return deliveries
 
     def _track(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Count deliveries we now hold; drop any we already hold (a claim of our own entry)."""
+        fresh = []
         for delivery in deliveries:
+            ident = (delivery.stream, delivery.entry_id)
+            if ident in self._tracked:
+                continue
+            self._tracked.add(ident)
             if delivery.stream in self._lanes:
                 self._outstanding[delivery.stream] += 1
-        return deliveries
+            fresh.append(delivery)
+        return fresh
 
     def _untrack(self, delivery: Delivery) -> None:
+        ident = (delivery.stream, delivery.entry_id)
+        if ident not in self._tracked:
+            return
+        self._tracked.discard(ident)
         if delivery.stream in self._lanes and self._outstanding.get(delivery.stream):
             self._outstanding[delivery.stream] -= 1
 
@@ -774,12 +802,15 @@ class _RedisConsumer(GroupConsumer):
     async def keepalive(self, deliveries: Sequence[Delivery]) -> None:
         """Renew lane leases and liveness; XCLAIM ... JUSTID held entries to reset their idle."""
         await self._heartbeat()  # also before any lane exists: fair shares need the count
-        await self._renew_leases()
+        async with self._lane_lock:
+            await self._renew_leases()
         # Also from here: a saturated consumer rarely fetches, yet must hand lanes over.
         self._next_lease = 0.0
         await self._share_lanes()
         by_stream: dict[str, list[str]] = defaultdict(list)
-        for delivery in deliveries:
+        # Entries waiting in the backlog are ours too: keep them from going idle and being
+        # claimed (by others, or handed out twice by our own claim pass).
+        for delivery in [*deliveries, *self._backlog]:
             by_stream[self._stream(delivery)].append(delivery.entry_id)
         if not by_stream:
             return
@@ -797,6 +828,9 @@ class _RedisConsumer(GroupConsumer):
         groups, so restarts do not pile up consumer names in Redis.
         """
         self._closed = True
+        for delivery in self._backlog:  # never handed out: left pending for the next holder
+            self._untrack(delivery)
+        self._backlog = []
         for key, (topic, lane) in list(self._held.items()):
             if not self._outstanding.get(key):
                 await self._release_lane(key, topic, lane)
