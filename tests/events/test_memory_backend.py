@@ -59,13 +59,25 @@ async def test_batch_larger_than_a_group_is_refused_whole() -> None:
         await eventually(lambda: got == [42])
 
 
-async def test_events_without_a_group_are_not_kept() -> None:
-    """Events no group matches are dropped at once: nothing grows without a consumer."""
-    backend = MemoryBackend(maxlen=1)
-    bus = EventBus(backend)
-    async with bus:
+async def test_events_published_before_any_group_are_not_kept() -> None:
+    """Events no group matches are not stored: a group declared later sees only newer ones."""
+    backend = MemoryBackend(maxlen=5)
+    publisher = EventBus(backend)
+    async with publisher:
         for n in range(10):
-            await bus.publish("nobody.listens", n)  # would block at 1 if it were kept
+            await publisher.publish("early.t", n)  # nobody listens yet
+    late = EventBus(backend, poll_interval=0.05)
+    got: list[int] = []
+
+    @late.subscribe("early.t", group="late")
+    async def handle(event: Event) -> None:
+        got.append(event.data)
+
+    async with late:
+        await late.publish("early.t", 99)
+        await eventually(lambda: got == [99])
+        await asyncio.sleep(0.05)
+    assert got == [99]
 
 
 def test_from_config_memory() -> None:
