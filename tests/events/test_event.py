@@ -108,11 +108,11 @@ def test_size_limit_applies_to_data() -> None:
         event.data_json(max_bytes=101)
 
 
-def test_copy_for_delivery_is_independent() -> None:
-    """A delivery copy shares nothing mutable with the published event."""
+def test_record_copies_are_independent() -> None:
+    """An event rebuilt from its record shares nothing mutable with the published one."""
     event = Event("a", {"items": [1, 2]}, headers={"h": "1"})
-    event.data_json()
-    copy = event.copy_for_delivery(3)
+    copy = Event.from_record(event.to_record(), 3)
+    assert copy == Event.from_record(event.to_record(), 3)
     copy.data["items"].append(3)
     copy.headers["h"] = "2"
     assert event.data == {"items": [1, 2]}

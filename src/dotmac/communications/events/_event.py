@@ -218,32 +218,6 @@ class Event:
             )
         return raw
 
-    def copy_for_delivery(self, attempt: int) -> Event:
-        """Return an independent copy, as a consumer would decode it, with ``attempt`` set.
-
-        ``data`` goes through JSON, so a handler sees exactly what it would see on Redis and
-        cannot change what another group receives.
-        """
-        new = object.__new__(Event)
-        new.type = self.type
-        raw = self._data_json
-        new._data = orjson.loads(raw) if raw is not None else _json_copy(self._data)
-        new._data_json = raw
-        new.id = self.id
-        new.source = self.source
-        new._dt = self._dt
-        new._ts = self._ts
-        new.datacontenttype = self.datacontenttype
-        new.subject = self.subject
-        new.key = self.key
-        new.tenant_id = self.tenant_id
-        new.correlation_id = self.correlation_id
-        new.causation_id = self.causation_id
-        new.traceparent = self.traceparent
-        new.headers = dict(self.headers) if self.headers else {}
-        new.attempt = attempt
-        return new
-
     def to_record(self) -> tuple[Any, ...]:
         """Return the event as a flat tuple of immutable values (the memory backend's entry).
 
@@ -386,12 +360,6 @@ def _optional_str(obj: Mapping[str, Any], name: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise EventDecodeError(f"{name} must be a string, got {type(value).__name__}")
     return value
-
-
-def _json_copy(data: Any) -> Any:
-    if data is None or isinstance(data, str | int | float | bool):
-        return data
-    return orjson.loads(dumps(data))
 
 
 def _parse_time(text: Any) -> datetime:
