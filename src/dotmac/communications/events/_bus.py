@@ -204,6 +204,13 @@ class EventBus:
     ) -> Event:
         if isinstance(topic, Event):
             return topic
+        if isinstance(data, BaseModel):
+            data = data.model_dump(mode="json")
+        if (
+            key is None and headers is None and tenant_id is None and subject is None
+            and correlation_id is None and causation_id is None
+        ):  # fmt: skip
+            return Event._plain(topic, data, self.source)  # the common case, built directly
         if (
             key is not None
             or tenant_id is not None
@@ -216,8 +223,6 @@ class EventBus:
                 _check_str(value, name)
         if headers is not None:
             _check_headers(headers)
-        if isinstance(data, BaseModel):
-            data = data.model_dump(mode="json")
         return Event(
             topic,
             data,
@@ -277,7 +282,10 @@ class EventBus:
             await self.backend.publish(events, self.publish_timeout)
         except CommunicationsError as exc:
             await self._retry_publish(events, exc, start)
-        self._count_published(events, start)
+        if self._remote:
+            self._count_published(events, start)
+        else:
+            self._publish_metrics(event.type)[1].add(1)
         return event
 
     async def publish_many(

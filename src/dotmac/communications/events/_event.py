@@ -159,6 +159,24 @@ class Event:
         self.headers: dict[str, str] = dict(headers) if headers else {}
         self.attempt = attempt
 
+    @classmethod
+    def _plain(cls, type: str, data: Any, source: str) -> Event:
+        # The publish hot path's constructor: no options given, so no keyword handling.
+        new = object.__new__(cls)
+        new.type = validate_topic(type)
+        new._data = data
+        new._data_json = None
+        new.id = f"{_prefix}{next(_counter):012x}"
+        new.source = source
+        new._dt = None
+        new._ts = _time.time()
+        new.datacontenttype = "application/json"
+        new.subject = new.key = new.tenant_id = None
+        new.correlation_id = new.causation_id = new.traceparent = None
+        new.headers = {}
+        new.attempt = 1
+        return new
+
     @property
     def data(self) -> Any:
         """The payload (JSON types, or a model instance after validation by a subscription)."""
