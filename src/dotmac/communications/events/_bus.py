@@ -273,19 +273,8 @@ class EventBus:
         )  # fmt: skip
         if tracing.is_active():
             await self._send([event])
-            return event
-        # Hot path, flattened: one coroutine between the caller and the backend.
-        event.data_json(max_bytes=self.max_event_bytes)
-        events = [event]
-        start = time.perf_counter()
-        try:
-            await self.backend.publish(events, self.publish_timeout)
-        except CommunicationsError as exc:
-            await self._retry_publish(events, exc, start)
-        if self._remote:
-            self._count_published(events, start)
         else:
-            self._publish_metrics(event.type)[1].add(1)
+            await self._store([event])
         return event
 
     async def publish_many(
@@ -381,6 +370,9 @@ class EventBus:
     def _count_published(self, events: list[Event], start: float) -> None:
         topic = events[0].type
         duration, sent = self._publish_metrics(topic)
+        if len(events) == 1 and not self._remote:
+            sent.add(1)  # the common case: one event in memory, no round trip to time
+            return
         if self._remote:
             # A client operation's duration means a broker round trip; in memory there is none.
             duration.record(time.perf_counter() - start)

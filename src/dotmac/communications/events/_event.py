@@ -166,7 +166,7 @@ class Event:
         new.type = validate_topic(type)
         new._data = data
         new._data_json = None
-        new.id = f"{_prefix}{next(_counter):012x}"
+        new.id = new_event_id()
         new.source = source
         new._dt = None
         new._ts = _time.time()
