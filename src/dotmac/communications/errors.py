@@ -14,6 +14,8 @@ chained with ``raise ... from exc``, so callers never have to catch a vendor typ
     ├── NotificationError                                   notifications sub-root
     │   ├── DeliveryError               transient           a send failed and may succeed later
     │   ├── PermanentDeliveryError                          a send failed and never will succeed
+    │   │   ├── InvalidRecipientError   (also ValueError)   bad address / number / header value
+    │   │   └── RecipientUnregisteredError                  provider says the recipient is gone
     │   └── TemplateError                                   a template failed to render
     ├── EventError                                          events sub-root
     │   ├── InvalidTopicError           (also ValueError)   bad topic name at publish
@@ -52,12 +54,14 @@ __all__ = [
     "EventSerializationError",
     "EventTooLargeError",
     "InvalidPatternError",
+    "InvalidRecipientError",
     "InvalidTopicError",
     "NotificationError",
     "OperationTimeoutError",
     "PermanentDeliveryError",
     "PublishTimeoutError",
     "RateLimitedError",
+    "RecipientUnregisteredError",
     "TemplateError",
     "UnknownBackendError",
     "WebSocketError",
@@ -144,6 +148,17 @@ class DeliveryError(NotificationError):
 
 class PermanentDeliveryError(NotificationError):
     """Sending a notification failed and retrying will not help (bad recipient, 4xx, refused)."""
+
+
+class InvalidRecipientError(PermanentDeliveryError, ValueError):
+    """A recipient or header value is malformed; refused before any connection is made."""
+
+
+class RecipientUnregisteredError(PermanentDeliveryError):
+    """The provider says the recipient no longer exists (push token unregistered: 404/410).
+
+    The service marks the recipient ``suppressed`` and skips it from then on.
+    """
 
 
 class TemplateError(NotificationError):

@@ -1,0 +1,1 @@
+"""Channel providers: email, SMS, push, webhook, chat and in-app."""
