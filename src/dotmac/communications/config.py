@@ -42,11 +42,13 @@ from .errors import ConfigurationError
 
 __all__ = [
     "ApnsSettings",
+    "ChatSettings",
     "CircuitBreakerSettings",
     "CommunicationsConfig",
     "EmailSettings",
     "EventsSettings",
     "FcmSettings",
+    "HttpSmsSettings",
     "NotificationsSettings",
     "ObservabilitySettings",
     "PushSettings",
@@ -54,6 +56,7 @@ __all__ = [
     "RetrySettings",
     "SmsSettings",
     "TwilioSettings",
+    "WebPushSettings",
     "WebSocketsSettings",
     "WebhookSettings",
 ]
@@ -176,6 +179,9 @@ class EmailSettings(_Section):
     from_address: str | None = Field(None, description="Default From address.")
     timeout: PositiveSeconds = Field(30.0, description="Deadline for one send, in seconds.")
     pool_size: int = Field(5, ge=1, le=1000, description="SMTP connections kept open per server.")
+    dkim_selector: str | None = Field(None, description="DKIM selector (signing is on when set).")
+    dkim_domain: str | None = Field(None, description="DKIM signing domain (d=).")
+    dkim_key_file: Path | None = Field(None, description="PEM private key for DKIM signing.")
     legacy_use_tls: bool | None = Field(None, exclude=True, repr=False)
     """The old ``DOTMAC_SMTP_USE_TLS`` flag, resolved once every source is merged."""
 
@@ -192,6 +198,9 @@ class EmailSettings(_Section):
             raise ValueError("use_tls (implicit TLS) and start_tls cannot both be true")
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password must be set together")
+        dkim = (self.dkim_selector, self.dkim_domain, self.dkim_key_file)
+        if any(v is not None for v in dkim) and not all(v is not None for v in dkim):
+            raise ValueError("dkim_selector, dkim_domain and dkim_key_file must be set together")
         return self
 
 
@@ -203,17 +212,36 @@ class TwilioSettings(_Section):
     base_url: str = Field("https://api.twilio.com", description="Twilio API base URL.")
 
 
+class HttpSmsSettings(_Section):
+    """Generic HTTP SMS gateway (``DOTMAC_NOTIFICATIONS__SMS__HTTP__*``)."""
+
+    url: str | None = Field(None, description="Gateway URL the message is sent to.")
+    method: Literal["POST", "PUT"] = Field("POST", description="HTTP method.")
+    body_template: dict[str, Any] = Field(
+        default_factory=lambda: {"to": "{to}", "from": "{from}", "text": "{body}"},
+        description="JSON body; {to}, {from}, {body} and {id} are substituted (JSON text).",
+    )
+    auth_header: str | None = Field(None, description="Name of the auth header (Authorization).")
+    auth_value: SecretStr | None = Field(None, description="Value of the auth header (secret).")
+    message_id_field: str | None = Field(
+        None, description="Dotted path of the message id in the JSON answer."
+    )
+
+
 class SmsSettings(_Section):
     """SMS settings (``DOTMAC_NOTIFICATIONS__SMS__*``)."""
 
     provider: Literal["twilio", "http"] | None = Field(None, description="SMS provider.")
     from_number: str | None = Field(None, description="Sender number in E.164 form.")
     twilio: TwilioSettings = Field(default_factory=TwilioSettings)
+    http: HttpSmsSettings = Field(default_factory=HttpSmsSettings)
 
     @model_validator(mode="after")
     def _provider_complete(self) -> Self:
         if self.provider == "twilio" and not (self.twilio.account_sid and self.twilio.auth_token):
             raise ValueError("provider 'twilio' needs twilio.account_sid and twilio.auth_token")
+        if self.provider == "http" and not self.http.url:
+            raise ValueError("provider 'http' needs http.url")
         return self
 
 
@@ -235,11 +263,32 @@ class ApnsSettings(_Section):
     key_file: Path | None = Field(None, description="APNs .p8 auth key file.")
 
 
+class WebPushSettings(_Section):
+    """Web Push with VAPID (``DOTMAC_NOTIFICATIONS__PUSH__WEBPUSH__*``)."""
+
+    vapid_private_key: SecretStr | None = Field(
+        None, description="VAPID private key: PEM, or base64url raw P-256 key (secret)."
+    )
+    vapid_subject: str | None = Field(
+        None, description="VAPID contact: mailto: address or https URL."
+    )
+    ttl: int = Field(
+        86_400, ge=0, description="Seconds the push service keeps an undelivered message."
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if (self.vapid_private_key is None) != (self.vapid_subject is None):
+            raise ValueError("vapid_private_key and vapid_subject must be set together")
+        return self
+
+
 class PushSettings(_Section):
     """Push settings (``DOTMAC_NOTIFICATIONS__PUSH__*``)."""
 
     fcm: FcmSettings = Field(default_factory=FcmSettings)
     apns: ApnsSettings = Field(default_factory=ApnsSettings)
+    webpush: WebPushSettings = Field(default_factory=WebPushSettings)
 
 
 class WebhookSettings(_Section):
@@ -250,6 +299,19 @@ class WebhookSettings(_Section):
     allow_private_targets: bool = Field(
         False, description="Allow loopback/private-network targets (tests, internal hooks)."
     )
+    max_connections: int = Field(
+        10, ge=1, le=1000, description="Concurrent webhook connections per provider."
+    )
+
+
+class ChatSettings(_Section):
+    """Chat incoming webhooks (``DOTMAC_NOTIFICATIONS__CHAT__*``); URLs hold their token."""
+
+    slack_webhook_url: SecretStr | None = Field(None, description="Slack incoming webhook URL.")
+    discord_webhook_url: SecretStr | None = Field(None, description="Discord webhook URL.")
+    teams_webhook_url: SecretStr | None = Field(
+        None, description="Microsoft Teams (Workflows) webhook URL."
+    )
 
 
 class NotificationsSettings(_Section):
@@ -259,6 +321,10 @@ class NotificationsSettings(_Section):
     sms: SmsSettings = Field(default_factory=SmsSettings)
     push: PushSettings = Field(default_factory=PushSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="Where idempotency, status, schedule and dead letters live."
+    )
     max_attempts: int = Field(3, ge=1, description="Attempts per provider on transient errors.")
     retry_initial_delay: PositiveSeconds = Field(0.5, description="First retry backoff, seconds.")
     rate_limit_per_minute: int | None = Field(

@@ -15,7 +15,8 @@ chained with ``raise ... from exc``, so callers never have to catch a vendor typ
     │   ├── DeliveryError               transient           a send failed and may succeed later
     │   ├── PermanentDeliveryError                          a send failed and never will succeed
     │   │   ├── InvalidRecipientError   (also ValueError)   bad address / number / header value
-    │   │   └── RecipientUnregisteredError                  provider says the recipient is gone
+    │   │   ├── RecipientUnregisteredError                  provider says the recipient is gone
+    │   │   └── RecipientOfflineError                       in-app user has no live connection
     │   └── TemplateError                                   a template failed to render
     ├── EventError                                          events sub-root
     │   ├── InvalidTopicError           (also ValueError)   bad topic name at publish
@@ -61,6 +62,7 @@ __all__ = [
     "PermanentDeliveryError",
     "PublishTimeoutError",
     "RateLimitedError",
+    "RecipientOfflineError",
     "RecipientUnregisteredError",
     "TemplateError",
     "UnknownBackendError",
@@ -159,6 +161,10 @@ class RecipientUnregisteredError(PermanentDeliveryError):
 
     The service marks the recipient ``suppressed`` and skips it from then on.
     """
+
+
+class RecipientOfflineError(PermanentDeliveryError):
+    """An in-app (WebSocket) recipient has no live connection; the fallback channel is used."""
 
 
 class TemplateError(NotificationError):

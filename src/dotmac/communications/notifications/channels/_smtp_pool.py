@@ -1,0 +1,138 @@
+"""A small pool of SMTP connections for :class:`~.email.SMTPProvider`.
+
+At most ``size`` connections are open (idle or leased) at once; a caller waits for a free slot,
+so the waiting counts against whatever deadline surrounds :meth:`SmtpPool.acquire`. Idle
+connections are reused most-recently-used first; one that has sat idle longer than
+``noop_after`` seconds is checked with ``NOOP`` before it is handed out, and a dead one is
+closed and replaced. The pool knows nothing about the library's errors: it lets aiosmtplib's
+and the OS's exceptions through for the provider to translate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiosmtplib
+
+__all__ = ["PooledConnection", "SmtpPool"]
+
+_QUIT_TIMEOUT = 2.0
+
+
+@dataclass(slots=True, eq=False)
+class PooledConnection:
+    """One SMTP connection owned by a :class:`SmtpPool`."""
+
+    smtp: aiosmtplib.SMTP
+    generation: int
+    last_used: float
+    reused: bool = False
+    """True when it came from the idle list (it may have gone stale) rather than a fresh connect."""
+
+
+class SmtpPool:
+    """Up to ``size`` connected ``aiosmtplib.SMTP`` clients, reused across messages.
+
+    Args:
+        connect: Opens and returns a new, ready connection (greeting, EHLO, STARTTLS, AUTH done).
+        size: Most connections open at once (>= 1).
+        noop_after: Seconds of idleness after which a connection is checked with NOOP on reuse.
+        clock: Monotonic clock in seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[aiosmtplib.SMTP]],
+        *,
+        size: int,
+        noop_after: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size!r}")
+        self._connect = connect
+        self._size = size
+        self._noop_after = noop_after
+        self._clock = clock
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[PooledConnection] = []
+        self._generation = 0
+
+    @property
+    def idle_count(self) -> int:
+        """Connections open and waiting to be reused."""
+        return len(self._idle)
+
+    async def acquire(self) -> PooledConnection:
+        """Wait for a free slot, then return a live idle connection or a new one.
+
+        Raises:
+            aiosmtplib.SMTPException | OSError: Opening a new connection failed (the slot is
+                given back first).
+        """
+        await self._slots.acquire()
+        try:
+            while self._idle:
+                conn = self._idle.pop()
+                if await self._alive(conn):
+                    conn.reused = True
+                    return conn
+            smtp = await self._connect()
+        except BaseException:
+            # Whatever stopped us (connect error, deadline, cancellation), the slot is free again.
+            self._slots.release()
+            raise
+        return PooledConnection(smtp, self._generation, self._clock())
+
+    def release(self, conn: PooledConnection, *, reusable: bool) -> None:
+        """Give ``conn`` back: keep it idle when ``reusable`` and still connected, else close it."""
+        try:
+            if reusable and conn.smtp.is_connected and conn.generation == self._generation:
+                conn.last_used = self._clock()
+                self._idle.append(conn)
+            else:
+                conn.smtp.close()
+        finally:
+            self._slots.release()
+
+    async def aclose(self) -> None:
+        """QUIT and close every idle connection; leased ones are closed when released.
+
+        The pool stays usable: a later :meth:`acquire` opens new connections.
+        """
+        self._generation += 1
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(_quit(conn.smtp) for conn in idle))
+
+    async def _alive(self, conn: PooledConnection) -> bool:
+        if not conn.smtp.is_connected:
+            conn.smtp.close()
+            return False
+        if self._clock() - conn.last_used < self._noop_after:
+            return True
+        try:
+            await conn.smtp.noop()
+        except (aiosmtplib.SMTPException, OSError):
+            # Any failure means the connection is unusable; the caller opens a fresh one.
+            conn.smtp.close()
+            return False
+        except BaseException:
+            conn.smtp.close()
+            raise
+        return True
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        async with asyncio.timeout(_QUIT_TIMEOUT):
+            await smtp.quit()
+    except (aiosmtplib.SMTPException, OSError):
+        # A polite QUIT that fails changes nothing: the connection is closed below either way.
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            smtp.close()
