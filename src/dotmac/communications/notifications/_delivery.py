@@ -15,7 +15,12 @@ from dotmac.communications.errors import (
     RecipientUnregisteredError,
 )
 from dotmac.communications.observability import metrics
-from dotmac.communications.resilience import CircuitBreaker, RateLimiter, RetryPolicy
+from dotmac.communications.resilience import (
+    CircuitBreaker,
+    RateLimiter,
+    RetryAttempt,
+    RetryPolicy,
+)
 
 from ._models import OutboundMessage, SendReceipt
 from .channels.base import Provider
@@ -30,9 +35,12 @@ AttemptFailed = Callable[[int, BaseException], Awaitable[None]]
 _ATTEMPT_FAILURES = "dotmac.notifications.attempt.failures"
 
 
-def is_final_for_recipient(exc: BaseException) -> bool:
+_FINAL_FOR_RECIPIENT = (InvalidRecipientError, RecipientUnregisteredError, RecipientOfflineError)
+
+
+def is_final_for_recipient(exc: BaseException | None) -> bool:
     """True when no other provider can do better for this recipient (no failover)."""
-    return isinstance(exc, InvalidRecipientError | RecipientUnregisteredError | RecipientOfflineError)
+    return isinstance(exc, _FINAL_FOR_RECIPIENT)
 
 
 class GuardedProvider:
@@ -96,11 +104,11 @@ class GuardedProvider:
                 await on_failure(attempt, exc)
                 if isinstance(exc, CircuitOpenError) or is_final_for_recipient(exc):
                     return Outcome(attempt, error=exc)
-                delay = self.retry.retry_delay(
-                    attempt, exc, elapsed=self.clock.monotonic() - start
-                )
+                delay = self.retry.retry_delay(attempt, exc, elapsed=self.clock.monotonic() - start)
                 if delay is None:
                     return Outcome(attempt, error=exc)
+                if self.retry.on_retry is not None:
+                    self.retry.on_retry(RetryAttempt(attempt, delay, exc, self.retry.name))
                 log.info(
                     "notifications: %s attempt %d to %s failed (%s); retrying in %.2fs",
                     self.name, attempt, message.recipient, exc, delay,

@@ -232,7 +232,7 @@ class Notification(BaseModel):
             raise ValueError("fallback must be another channel than websocket")
         if self.attachments and self.channel != NotificationChannel.EMAIL:
             raise ValueError("attachments are for the email channel only")
-        if self.template is None and self.text is None and self.html is None and not self.data:
+        if self.template is None and self.text is None and self.html is None and self.data is None:
             raise ValueError("nothing to send: give text, html, data or a template")
         return self
 

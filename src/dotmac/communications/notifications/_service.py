@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -17,6 +19,7 @@ from dotmac.communications._clock import Clock, system_clock
 from dotmac.communications.errors import (
     CommunicationsError,
     ConfigurationError,
+    InvalidRecipientError,
     NotificationError,
     RecipientOfflineError,
     RecipientUnregisteredError,
@@ -278,7 +281,7 @@ class NotificationService:
         for index, notification in enumerate(notifications):
             try:
                 prepared.append((notification, self._prepare(notification)))
-            except NotificationError as exc:
+            except (NotificationError, ConfigurationError) as exc:
                 raise type(exc)(f"send_many item {index}: {exc}") from exc
         gate = asyncio.Semaphore(concurrency)
 
@@ -320,21 +323,17 @@ class NotificationService:
                 text = text if text is not None else rendered.sms
             text = text if text is not None else rendered.text
             html = html if html is not None else rendered.html
-        first = chain[0].provider
         if notification.fallback is not None:
-            fallback_chain = self._chains.get(notification.fallback.value)
-            if not fallback_chain:
-                raise ConfigurationError(
-                    f"fallback channel {notification.fallback.value!r} has no provider"
-                )
-            for user, address in notification.fallback_to.items():
-                fallback_chain[0].provider.validate(address)
-                first.validate(user)
+            fallback = notification.fallback.value
+            if not self._chains.get(fallback):
+                raise ConfigurationError(f"fallback channel {fallback!r} has no provider")
+            for address in notification.fallback_to.values():
+                self._route(fallback, address)[0].provider.validate(address)
         return [
             OutboundMessage(
                 notification_id=notification.id,
                 channel=channel,
-                recipient=first.validate(recipient),
+                recipient=self._route(channel, recipient)[0].provider.validate(recipient),
                 subject=subject,
                 text=text,
                 html=html,
@@ -349,6 +348,15 @@ class NotificationService:
             )
             for recipient in notification.to
         ]
+
+    def _route(self, channel: str, recipient: str) -> list[GuardedProvider]:
+        chain = [g for g in self._chains.get(channel, ()) if g.provider.handles(recipient)]
+        if not chain:
+            names = ", ".join(g.name for g in self._chains.get(channel, ())) or "none"
+            raise InvalidRecipientError(
+                f"no {channel} provider handles recipient {recipient!r} (providers: {names})"
+            )
+        return chain
 
     async def _send_prepared(
         self, notification: Notification, messages: list[OutboundMessage]
@@ -377,7 +385,10 @@ class NotificationService:
         )
         metrics.counter(_SENDS, unit="{delivery}").add(
             len(deliveries),
-            {"notification.channel": notification.channel.value, "notification.status": "deduplicated"},
+            {
+                "notification.channel": notification.channel.value,
+                "notification.status": "deduplicated",
+            },
         )
         return NotificationResult.of(holder, deliveries)
 
@@ -424,7 +435,10 @@ class NotificationService:
         )  # fmt: skip
         return result
 
-    async def _deliver(self, notification: Notification, message: OutboundMessage) -> DeliveryResult:
+    async def _deliver(
+        self, notification: Notification, message: OutboundMessage, origin: str | None = None
+    ) -> DeliveryResult:
+        # ``origin``: the user a fallback delivery stands in for (dead letters replay to them).
         reason = await self.store.suppressed(message.channel, message.recipient)
         if reason is not None:
             return await self._finish(
@@ -446,24 +460,41 @@ class NotificationService:
                 attempts=outcome.attempts, error=str(error),
             )  # fmt: skip
         text = f"{type(error).__name__}: {error}"
+        return await self._fail(
+            notification, message, text, provider=provider, attempts=outcome.attempts,
+            recipient=origin,
+        )  # fmt: skip
+
+    async def _fail(
+        self,
+        notification: Notification,
+        message: OutboundMessage,
+        error: str,
+        *,
+        provider: str | None,
+        attempts: int,
+        recipient: str | None = None,
+    ) -> DeliveryResult:
+        # ``recipient``: the notification's own recipient when ``message`` went to a fallback.
+        original = recipient or message.recipient
         await self.store.add_dead(
             NotificationDeadLetter(
-                id=f"{notification.id}:{message.recipient}",
+                id=f"{notification.id}:{original}",
                 notification=notification,
-                recipient=message.recipient,
-                error=text,
-                attempts=outcome.attempts,
+                recipient=original,
+                error=error,
+                attempts=attempts,
                 time=self._now(),
                 provider=provider,
             )
         )
         return await self._finish(
             notification, message, DeliveryStatus.FAILED, provider=provider,
-            attempts=outcome.attempts, error=text,
+            attempts=attempts, error=error,
         )  # fmt: skip
 
     async def _try_chain(self, message: OutboundMessage) -> tuple[Outcome, str | None]:
-        chain = self._chains[message.channel]
+        chain = self._route(message.channel, message.recipient)
         outcome = Outcome(0, error=NotificationError(f"no provider for {message.channel!r}"))
         attempts = 0
         provider: str | None = None
@@ -490,11 +521,11 @@ class NotificationService:
         address = notification.fallback_to.get(message.recipient)
         if address is None:
             error = f"{offline}; no fallback_to address for this user on {channel!r}"
-            return await self._finish(notification, message, DeliveryStatus.FAILED, error=error)
+            return await self._fail(notification, message, error, provider=None, attempts=1)
         fallback = OutboundMessage(
             notification_id=message.notification_id,
             channel=channel,
-            recipient=self._chains[channel][0].provider.validate(address),
+            recipient=self._route(channel, address)[0].provider.validate(address),
             subject=message.subject,
             text=message.text,
             html=message.html,
@@ -503,8 +534,9 @@ class NotificationService:
             tenant_id=message.tenant_id,
             metadata=message.metadata,
         )
-        result = await self._deliver(notification, fallback)
-        return result
+        result = await self._deliver(notification, fallback, origin=message.recipient)
+        # One result per recipient of the notification: the user, delivered on the fallback.
+        return dataclasses.replace(result, recipient=message.recipient)
 
     async def _finish(
         self,
@@ -579,7 +611,8 @@ class NotificationService:
             except Exception:
                 # Deliberately broad: the scheduler must outlive any one bad notification.
                 log.exception("notifications: scheduler error")
-            await self.clock.sleep(self.scheduler_interval)
+            # Polling cadence is real time; whether something is due is judged on the clock.
+            await asyncio.sleep(self.scheduler_interval)
 
     async def run_due(self, limit: int = 100) -> int:
         """Send the scheduled notifications that are due now; return how many were sent.
@@ -593,7 +626,9 @@ class NotificationService:
                 messages = self._prepare(notification)
                 await self._deliver_all(notification, messages)
             except NotificationError as exc:
-                log.error("notifications: scheduled %s cannot be sent: %s", notification.id, exc)
+                log.error(  # noqa: TRY400 -- bad input, not a bug: no traceback
+                    "notifications: scheduled %s cannot be sent: %s", notification.id, exc
+                )
                 await self._record(notification.id, [self._entry("failed", error=str(exc))])
             await self.store.finish_scheduled(notification.id)
         return len(due)
@@ -607,7 +642,7 @@ class NotificationService:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.time(), UTC)
 
-    def _entry(
+    def _entry(  # noqa: PLR0917 -- mirrors StatusEntry's fields, in order
         self,
         event: str,
         recipient: str | None = None,
@@ -635,13 +670,13 @@ class NotificationDeadLetters:
 
     async def list(
         self, *, channel: str | None = None, limit: int = 100
-    ) -> list[NotificationDeadLetter]:
+    ) -> builtins.list[NotificationDeadLetter]:
         """Dead letters, newest first."""
         return await self._service.store.dead_letters(channel=channel, limit=limit)
 
     async def replay(
         self, letter_ids: Sequence[str] | None = None, *, channel: str | None = None
-    ) -> list[NotificationResult]:
+    ) -> builtins.list[NotificationResult]:
         """Send the given dead letters (default: all, or all of ``channel``) again.
 
         Each goes to its one recipient, under its original notification id (the history
@@ -675,4 +710,3 @@ class NotificationDeadLetters:
             wanted = set(letter_ids)
             ids = [i for i in ids if i in wanted]
         return await self._service.store.remove_dead(ids) if ids else 0
-

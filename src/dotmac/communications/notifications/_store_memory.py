@@ -131,7 +131,9 @@ class MemoryStore(NotificationStore):
             return None
         return entry[0]
 
-    def _put(self, table: OrderedDict[str, tuple[V, float]], key: str, value: V, ttl: float) -> None:
+    def _put(
+        self, table: OrderedDict[str, tuple[V, float]], key: str, value: V, ttl: float
+    ) -> None:
         table.pop(key, None)  # re-inserting moves the key to the young end
         if len(table) >= self.max_results:
             now = self._clock.monotonic()
@@ -212,6 +214,8 @@ class MemoryStore(NotificationStore):
         ties are broken by id, as on Redis.
         """
         _positive("lease", lease)
+        if now.utcoffset() is None:
+            raise ValueError(f"now must be timezone-aware, got {now!r}")
         if limit < 1:
             return []
         until = now + timedelta(seconds=lease)

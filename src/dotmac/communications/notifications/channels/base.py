@@ -46,6 +46,14 @@ class Provider(abc.ABC):
         """
         return recipient
 
+    def handles(self, recipient: str) -> bool:
+        """Whether this provider serves ``recipient`` (default: every recipient).
+
+        A channel whose providers are alternatives for different recipients (chat: Slack,
+        Discord, Teams) routes each recipient to the providers that handle it, in order.
+        """
+        return True
+
     async def open(self) -> None:  # noqa: B027 -- optional hook, most providers need nothing
         """Open pools and clients (called by the service's ``async with``)."""
 
@@ -92,7 +100,6 @@ class CallbackProvider(Provider):
         self.channel = channel  # type: ignore[misc]  # per instance, unlike other providers
         self._handler = handler
         self.name = name
-
 
     async def send(self, message: OutboundMessage) -> SendReceipt:
         """Call the handler."""

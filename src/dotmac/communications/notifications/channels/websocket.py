@@ -82,5 +82,7 @@ class GatewayProvider(Provider):
         except RecipientOfflineError:
             raise
         except OSError as exc:
-            raise DeliveryError(f"gateway could not deliver to {message.recipient!r}: {exc}") from exc
+            raise DeliveryError(
+                f"gateway could not deliver to {message.recipient!r}: {exc}"
+            ) from exc
         return SendReceipt(detail=f"{delivered} local connection(s)")
