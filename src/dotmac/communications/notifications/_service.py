@@ -351,6 +351,8 @@ class NotificationService:
 
     def _route(self, channel: str, recipient: str) -> list[GuardedProvider]:
         chain = [g for g in self._chains.get(channel, ()) if g.provider.handles(recipient)]
+        if chain and not chain[0].provider.failover:
+            chain = chain[:1]
         if not chain:
             names = ", ".join(g.name for g in self._chains.get(channel, ())) or "none"
             raise InvalidRecipientError(

@@ -37,6 +37,9 @@ class Provider(abc.ABC):
 
     channel: ClassVar[str]
     name: str = "provider"
+    failover: bool = True
+    """Whether the next provider of the channel may take over when this one fails. Chat
+    providers say no: they are alternatives for different recipients, not for each other."""
 
     def validate(self, recipient: str) -> str:
         """Check (and normalise) one recipient before anything is sent.

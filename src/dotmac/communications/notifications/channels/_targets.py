@@ -1,0 +1,385 @@
+"""The private-target guard of the webhook and chat providers, and their shared HTTP client.
+
+A webhook URL comes from whoever configures a notification, so without a guard the library would
+POST wherever it is told: to ``http://127.0.0.1:6379``, to a cloud metadata service
+(``169.254.169.254``) or to any host on the internal network (server-side request forgery). The
+guard refuses targets that are not plain ``http``/``https`` URLs with a host, and hosts that
+resolve to a loopback, private, link-local, shared (CGNAT), multicast, reserved or unspecified
+address, unless ``allow_private_targets`` is set.
+
+**Pinned resolution.** A check that resolves a name and a connect that resolves it again can be
+told apart by a hostile DNS server (DNS rebinding: public address for the check, ``127.0.0.1`` for
+the connect). The clients built here avoid that: their httpcore network backend resolves the host
+once, checks every address, and connects to the checked address itself (TLS still verifies the
+certificate against the host name). :func:`check_target` is the stand-alone check; it is used
+before each request only when a ready client was injected, whose connects the guard cannot see, so
+injected clients keep the rebinding gap. Proxies are never used (``trust_env=False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import socket
+from collections.abc import AsyncIterator, Iterable, Mapping
+from importlib import metadata
+from typing import Any
+
+import httpcore
+import httpx
+
+from dotmac.communications.errors import (
+    ConfigurationError,
+    DeliveryError,
+    InvalidRecipientError,
+    OperationTimeoutError,
+    PermanentDeliveryError,
+)
+from dotmac.communications.notifications.channels._http import HttpSender
+
+__all__ = ["GuardedHttp", "check_target", "describe_url", "user_agent", "validate_url"]
+
+_SCHEMES = frozenset({"http", "https"})
+_WEBHOOK_SETTING = "notifications.webhook.allow_private_targets"
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Embedded IPv4 in NAT64's well-known prefix reaches that IPv4 address through the gateway.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+@functools.cache
+def user_agent() -> str:
+    """The ``User-Agent`` of the HTTP providers: ``dotmac-communications/<version>``."""
+    try:
+        version = metadata.version("dotmac-communications")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    return f"dotmac-communications/{version}"
+
+
+def describe_url(url: str) -> str:
+    """Name ``url`` in a message without its credentials, query or fragment."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return repr(url.split("?", 1)[0][:100])
+    if not parsed.scheme or not parsed.host:
+        return repr(url.split("?", 1)[0].split("#", 1)[0][:100])
+    return repr(str(parsed.copy_with(userinfo=b"", query=None, fragment=None)))
+
+
+def validate_url(url: str) -> str:
+    """Check that ``url`` is an absolute ``http``/``https`` URL with a host (syntax only).
+
+    Returns:
+        ``url``, unchanged.
+
+    Raises:
+        InvalidRecipientError: Not a string, not http(s), no host, or not a valid URL.
+    """
+    if not isinstance(url, str):
+        raise InvalidRecipientError(f"target URL must be a string, got {type(url).__name__}")
+    if not url or any(c.isspace() for c in url):
+        raise InvalidRecipientError(f"target URL must be non-empty without spaces: {url[:100]!r}")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise InvalidRecipientError(f"invalid target URL {describe_url(url)}: {exc}") from exc
+    if parsed.scheme not in _SCHEMES:
+        raise InvalidRecipientError(
+            f"target URL {describe_url(url)} must use http or https, "
+            f"not {parsed.scheme or 'no scheme'!r}"
+        )
+    if not parsed.host:
+        raise InvalidRecipientError(f"target URL {describe_url(url)} has no host")
+    return url
+
+
+def check_literal(url: str, *, allow_private: bool, setting: str = _WEBHOOK_SETTING) -> None:
+    """Refuse ``url`` when its host is a private IP literal (no DNS; for ``Provider.validate``).
+
+    Raises:
+        InvalidRecipientError: The URL is invalid, or its host is a non-public IP literal.
+    """
+    host = httpx.URL(validate_url(url)).host
+    if allow_private:
+        return
+    literal = _ip_literal(host)
+    if literal is not None and not _is_public(literal):
+        raise InvalidRecipientError(
+            f"target URL {describe_url(url)} is a private/loopback address ({literal}); "
+            f"set {setting} to allow it"
+        )
+
+
+async def check_target(url: str, *, allow_private: bool, setting: str = _WEBHOOK_SETTING) -> None:
+    """Check that ``url`` is an http(s) URL whose host resolves only to public addresses.
+
+    IP literals are checked as they are; names are resolved (``loop.getaddrinfo``) and refused if
+    ANY address is not public. The connect that follows resolves again, so a hostile DNS server
+    can answer differently then (DNS rebinding): the providers' own clients pin the checked
+    address instead (see the module docstring); this function guards injected clients.
+
+    Args:
+        url: The target.
+        allow_private: Skip the address check (syntax is still checked).
+        setting: The setting named in the refusal message.
+
+    Raises:
+        InvalidRecipientError: Bad syntax, or a non-public address.
+        DeliveryError: The host name does not resolve (transient: DNS may recover).
+    """
+    parsed = httpx.URL(validate_url(url))
+    if allow_private:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    addresses = await _resolve(parsed.host, port)
+    refused = [a for a in addresses if not _is_public(a)]
+    if refused:
+        raise InvalidRecipientError(
+            f"target URL {describe_url(url)} resolves to a private/loopback address "
+            f"({refused[0]}); set {setting} to allow it"
+        )
+
+
+def _ip_literal(host: str) -> _IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _is_public(address: _IPAddress) -> bool:
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return _is_public(embedded)
+    return not (
+        address.is_loopback
+        or address.is_private
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+        or not address.is_global  # also shared address space 100.64.0.0/10 (CGNAT)
+    )
+
+
+async def _resolve(host: str, port: int) -> list[_IPAddress]:
+    literal = _ip_literal(host)
+    if literal is not None:
+        return [literal]
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise DeliveryError(f"cannot resolve target host {host!r}: {exc}") from exc
+    addresses: dict[_IPAddress, None] = {}
+    for info in infos:
+        # The scope of a link-local IPv6 address ("fe80::1%eth0") is not part of the address.
+        addresses[ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])] = None
+    if not addresses:
+        raise DeliveryError(f"cannot resolve target host {host!r}: no addresses")
+    return list(addresses)
+
+
+class _PublicOnlyBackend(httpcore.AsyncNetworkBackend):
+    """Resolve once, refuse non-public addresses, connect to the checked address (no rebinding)."""
+
+    def __init__(self, setting: str) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._setting = setting
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                addresses = await _resolve(host, port)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"resolving {host!r} took over {timeout}s") from exc
+        refused = [a for a in addresses if not _is_public(a)]
+        if refused:
+            raise InvalidRecipientError(
+                f"target host {host!r} resolves to a private/loopback address ({refused[0]}); "
+                f"set {self._setting} to allow it"
+            )
+        *others, final = addresses  # _resolve never returns an empty list
+        for address in others:
+            with contextlib.suppress(httpcore.ConnectError):  # try the next address
+                return await self._inner.connect_tcp(
+                    str(address), port, timeout, local_address, socket_options
+                )
+        return await self._inner.connect_tcp(
+            str(final), port, timeout, local_address, socket_options
+        )
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise InvalidRecipientError("Unix socket targets are not allowed")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a connection pool whose connects go through the guard."""
+
+    def __init__(self, limits: httpx.Limits, setting: str) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
+            # httpx keeps its pool in ``_pool``; fail loudly rather than connect unguarded.
+            raise RuntimeError(  # noqa: TRY004 -- an unsupported httpx, not a bad argument
+                "this httpx version is not supported by the private-target guard"
+            )
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_PublicOnlyBackend(setting),
+        )
+
+
+async def _refuse_redirect(response: httpx.Response) -> None:
+    # A redirect could lead anywhere (an internal host included) and would drop the POST body.
+    if response.is_redirect:
+        location = response.headers.get("location", "")
+        await response.aclose()
+        raise PermanentDeliveryError(
+            f"HTTP {response.status_code} redirect from {describe_url(str(response.request.url))}"
+            f" to {describe_url(location)}: redirects are not followed; configure the final URL"
+        )
+
+
+class GuardedHttp:
+    """The HTTP client of a webhook or chat provider: guarded targets, per-host concurrency cap.
+
+    Args:
+        provider: Provider name used in error messages.
+        timeout: Total deadline of one send (queueing, resolution, connect, request, response).
+        max_connections: Concurrent requests (and so connections) per target host.
+        allow_private_targets: Allow loopback/private/link-local targets.
+        setting: The setting named when a private target is refused.
+        client: A ready client (not closed here; its connects are not pinned, see module doc).
+    """
+
+    def __init__(
+        self,
+        provider: str,
+        *,
+        timeout: float,
+        max_connections: int,
+        allow_private_targets: bool,
+        setting: str = _WEBHOOK_SETTING,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not timeout > 0:
+            raise ConfigurationError(f"{provider}: timeout must be > 0, got {timeout!r}")
+        if max_connections < 1:
+            raise ConfigurationError(
+                f"{provider}: max_connections must be >= 1, got {max_connections!r}"
+            )
+        self.provider = provider
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.allow_private_targets = allow_private_targets
+        self.setting = setting
+        self._injected = client
+        self._sender: HttpSender | None = None
+        self._owned: httpx.AsyncClient | None = None
+        self._slots: dict[tuple[str, str, int | None], tuple[asyncio.Semaphore, int]] = {}
+
+    def _get_sender(self) -> HttpSender:
+        if self._sender is None:
+            client = self._injected
+            if client is None:
+                # The per-host cap bounds connections per host; idle ones are kept across hosts.
+                limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+                transport = (
+                    httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+                    if self.allow_private_targets
+                    else _GuardedTransport(limits, self.setting)
+                )
+                client = self._owned = httpx.AsyncClient(
+                    transport=transport,
+                    timeout=httpx.Timeout(self.timeout),
+                    follow_redirects=False,
+                    trust_env=False,
+                    event_hooks={"response": [_refuse_redirect]},
+                )
+            self._sender = HttpSender(self.provider, timeout=self.timeout, client=client)
+        return self._sender
+
+    async def post(
+        self,
+        url: str,
+        *,
+        content: bytes,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """POST ``content`` to ``url`` (``params`` added to its query) within the deadline.
+
+        Returns:
+            The 2xx response.
+
+        Raises:
+            InvalidRecipientError: The target is invalid or private (and not allowed).
+            OperationTimeoutError: The deadline passed (transient).
+            DeliveryError: Network error, unresolvable host, 408/425/429 or 5xx (transient).
+            PermanentDeliveryError: A redirect or any other non-2xx answer.
+        """
+        validate_url(url)
+        sender = self._get_sender()
+        parsed = httpx.URL(url)
+        if params:
+            # Merged into the URL's own query: httpx's ``params=`` would replace it.
+            url = str(parsed.copy_merge_params(dict(params)))
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self._injected is not None and not self.allow_private_targets:
+                    await check_target(url, allow_private=False, setting=self.setting)
+                async with self._host_slot((parsed.scheme, parsed.host, parsed.port)):
+                    return await sender.request("POST", url, content=content, headers=dict(headers))
+        except OperationTimeoutError:
+            raise
+        except TimeoutError as exc:  # the total deadline passed while queued or resolving
+            raise OperationTimeoutError(
+                f"{self.provider}: no answer from {describe_url(url)} within {self.timeout}s"
+            ) from exc
+
+    @contextlib.asynccontextmanager
+    async def _host_slot(self, key: tuple[str, str, int | None]) -> AsyncIterator[None]:
+        semaphore, users = self._slots.get(key) or (asyncio.Semaphore(self.max_connections), 0)
+        self._slots[key] = (semaphore, users + 1)
+        try:
+            async with semaphore:
+                yield
+        finally:
+            semaphore, users = self._slots[key]
+            if users == 1:
+                del self._slots[key]  # idle hosts are forgotten, so the map stays small
+            else:
+                self._slots[key] = (semaphore, users - 1)
+
+    async def aclose(self) -> None:
+        """Close the client this object created (an injected one is left open)."""
+        sender, self._sender = self._sender, None
+        owned, self._owned = self._owned, None
+        if sender is not None:
+            await sender.aclose()
+        if owned is not None:
+            await owned.aclose()

@@ -1,0 +1,368 @@
+"""Webhook provider against a real loopback HTTP server: body, headers, signature, errors, guard."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from importlib import metadata
+
+import httpx
+import pytest
+
+from _support.http_server import RecordingHTTPServer, Reply
+from dotmac.communications.errors import (
+    ConfigurationError,
+    DeliveryError,
+    InvalidRecipientError,
+    OperationTimeoutError,
+    PermanentDeliveryError,
+)
+from dotmac.communications.notifications._models import OutboundMessage
+from dotmac.communications.notifications.channels._targets import check_target, validate_url
+from dotmac.communications.notifications.channels.webhook import (
+    WebhookProvider,
+    sign_payload,
+    verify_signature,
+)
+
+T0 = 1_700_000_000
+SECRET = "whsec_test"
+BODY = b'{"event":"invoice.paid","amount":12.5}'
+# HMAC-SHA256(SECRET, b"1700000000." + BODY), computed outside the library.
+SIG = "3fa3d3239e068ae4940cf5ca4abb8174d9ceb596ecc3dcce89b59baab97628bb"
+OLD_SIG = "66d21b7d530621618ccc4d5b4180d83a53b45b6b0e463b9a0c79527e51041160"  # key "old-secret"
+
+
+def _message(url: str, **kw) -> OutboundMessage:
+    kw.setdefault("data", {"event": "invoice.paid", "amount": 12.5})
+    return OutboundMessage(notification_id="n-1", channel="webhook", recipient=url, **kw)
+
+
+def _provider(**kw) -> WebhookProvider:
+    kw.setdefault("allow_private_targets", True)
+    kw.setdefault("clock", lambda: T0 + 0.9)
+    return WebhookProvider(**kw)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _count_connections(server: RecordingHTTPServer) -> list[object]:
+    """Record each TCP connection the server accepts (wraps the stdlib server's accept)."""
+    accepted: list[object] = []
+    inner = server._server
+    original = inner.get_request
+
+    def get_request():
+        conn = original()
+        accepted.append(conn[1])
+        return conn
+
+    inner.get_request = get_request  # type: ignore[method-assign]
+    return accepted
+
+
+async def test_signed_post_body_and_headers_exact(http_server):
+    """The server receives the data as compact JSON with every specified header and signature."""
+    async with _provider(secret=SECRET) as provider:
+        receipt = await provider.send(_message(f"{http_server.url}/hooks/in?x=1"))
+    [req] = http_server.requests
+    assert (req.method, req.path, req.query) == ("POST", "/hooks/in", {"x": ["1"]})
+    assert req.body == BODY
+    version = metadata.version("dotmac-communications")
+    assert req.headers["content-type"] == "application/json"
+    assert req.headers["user-agent"] == f"dotmac-communications/{version}"
+    assert req.headers["x-dotmac-delivery"] == "n-1"
+    assert req.headers["idempotency-key"] == "n-1"
+    assert req.headers["x-dotmac-signature"] == f"t={T0},v1={SIG}"
+    assert verify_signature(req.body, req.headers["x-dotmac-signature"], SECRET, now=T0 + 5)
+    assert receipt.detail == "HTTP 200"
+    assert receipt.provider_message_id is None
+
+
+async def test_body_from_content_and_unsigned_without_secret(http_server):
+    """Without data the body is the non-None subject/text/html; without a secret, no signature."""
+    async with _provider() as provider:
+        await provider.send(_message(http_server.url, data=None, subject="Hi", text="Body"))
+    [req] = http_server.requests
+    assert req.body == b'{"subject":"Hi","text":"Body"}'
+    assert "x-dotmac-signature" not in req.headers
+
+
+async def test_request_id_header_becomes_provider_message_id(http_server):
+    """A response X-Request-Id is kept as the provider message id."""
+    http_server.enqueue(Reply(202, headers={"X-Request-Id": "req-42"}))
+    async with _provider() as provider:
+        receipt = await provider.send(_message(http_server.url))
+    assert (receipt.provider_message_id, receipt.detail) == ("req-42", "HTTP 202")
+
+
+def test_sign_payload_format_and_rotation():
+    """sign_payload gives t=<ts>,v1=<hex>, one v1 per secret when rotating."""
+    assert sign_payload(SECRET, BODY, T0) == f"t={T0},v1={SIG}"
+    assert sign_payload([SECRET, "old-secret"], BODY, T0) == f"t={T0},v1={SIG},v1={OLD_SIG}"
+    with pytest.raises(ValueError, match="non-empty"):
+        sign_payload("", BODY, T0)
+
+
+def test_verify_signature_accepts_rotation():
+    """Any v1 entry matching any given secret verifies."""
+    both = f"t={T0},v1={SIG},v1={OLD_SIG}"
+    assert verify_signature(BODY, both, "old-secret", now=T0)
+    assert verify_signature(BODY, both, SECRET, now=T0)
+    assert verify_signature(BODY, f"t={T0},v1={OLD_SIG}", [SECRET, "old-secret"], now=T0)
+    assert verify_signature(BODY, f"t={T0}, v1={SIG}, v2=future", SECRET, now=T0)
+
+
+@pytest.mark.parametrize(
+    ("body", "header", "secret", "now"),
+    [
+        (BODY + b" ", f"t={T0},v1={SIG}", SECRET, T0),  # tampered body
+        (BODY, f"t={T0},v1={SIG}", "wrong", T0),  # wrong secret
+        (BODY, f"t={T0},v1={SIG}", SECRET, T0 + 301),  # stale
+        (BODY, f"t={T0},v1={SIG}", SECRET, T0 - 301),  # far future
+        (BODY, f"t={T0 + 1},v1={SIG}", SECRET, T0),  # timestamp changed
+        (BODY, "", SECRET, T0),
+        (BODY, None, SECRET, T0),
+        (BODY, "garbage", SECRET, T0),
+        (BODY, f"v1={SIG}", SECRET, T0),  # no t
+        (BODY, f"t={T0}", SECRET, T0),  # no v1
+        (BODY, f"t=abc,v1={SIG}", SECRET, T0),
+        (BODY, f"t={T0},t={T0},v1={SIG}", SECRET, T0),
+        (BODY, f"t={T0},v1={SIG[:-1]}é", SECRET, T0),
+        (BODY, f"t={T0};v1={SIG}", SECRET, T0),
+    ],
+)
+def test_verify_signature_rejects(body, header, secret, now):
+    """Tampered body, wrong secret, stale timestamp or malformed header -> False."""
+    assert verify_signature(body, header, secret, now=now) is False
+
+
+async def test_500_then_200(http_server):
+    """A 500 is a transient DeliveryError; the next attempt is sent."""
+    http_server.enqueue(Reply(500, "boom"))
+    async with _provider() as provider:
+        with pytest.raises(DeliveryError, match="HTTP 500") as info:
+            await provider.send(_message(http_server.url))
+        assert info.value.transient
+        assert (await provider.send(_message(http_server.url))).detail == "HTTP 200"
+    assert len(http_server.requests) == 2
+
+
+async def test_429_retry_after_seconds(http_server):
+    """429 with Retry-After: 2 -> transient DeliveryError with retry_after == 2."""
+    http_server.enqueue(Reply(429, headers={"Retry-After": "2"}))
+    async with _provider() as provider:
+        with pytest.raises(DeliveryError) as info:
+            await provider.send(_message(http_server.url))
+    assert info.value.transient
+    assert info.value.retry_after == 2
+
+
+async def test_429_retry_after_http_date(http_server):
+    """An HTTP-date Retry-After becomes the seconds until that date."""
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    http_server.enqueue(Reply(503, headers={"Retry-After": when}))
+    async with _provider() as provider:
+        with pytest.raises(DeliveryError) as info:
+            await provider.send(_message(http_server.url))
+    assert info.value.retry_after is not None
+    assert 27 <= info.value.retry_after <= 31
+
+
+async def test_4xx_permanent(http_server):
+    """Other 4xx answers (400, 401, 404, 410, 422) are permanent."""
+    statuses = [400, 401, 404, 410, 422]
+    http_server.enqueue(*(Reply(status, "nope") for status in statuses))
+    async with _provider() as provider:
+        for status in statuses:
+            with pytest.raises(PermanentDeliveryError, match=f"HTTP {status}") as info:
+                await provider.send(_message(http_server.url))
+            assert type(info.value) is PermanentDeliveryError
+            assert not info.value.transient
+    assert len(http_server.requests) == len(statuses)
+
+
+async def test_redirect_not_followed(http_server):
+    """A 301 is permanent, says redirects are not followed, and the Location is not requested."""
+    http_server.enqueue(Reply(301, headers={"Location": f"{http_server.url}/moved?token=SECRET"}))
+    async with _provider() as provider:
+        with pytest.raises(PermanentDeliveryError, match="redirects are not followed") as info:
+            await provider.send(_message(f"{http_server.url}/hook"))
+    assert "SECRET" not in str(info.value)
+    assert [r.path for r in http_server.requests] == ["/hook"]
+
+
+async def test_hanging_server_times_out(http_server):
+    """A server that does not answer hits the total deadline quickly."""
+    http_server.enqueue(Reply(delay=5))
+    async with _provider(timeout=0.3) as provider:
+        started = time.monotonic()
+        with pytest.raises(OperationTimeoutError) as info:
+            await provider.send(_message(http_server.url))
+    assert time.monotonic() - started < 1.5
+    assert info.value.transient
+
+
+async def test_connection_refused_is_transient():
+    """Nothing listening -> transient DeliveryError."""
+    async with _provider() as provider:
+        with pytest.raises(DeliveryError, match="cannot reach") as info:
+            await provider.send(_message(f"http://127.0.0.1:{_closed_port()}/hook"))
+    assert info.value.transient
+
+
+PRIVATE_URLS = [
+    "http://127.0.0.1:{port}/hook",
+    "http://10.0.0.1/hook",
+    "http://192.168.1.1/hook",
+    "http://169.254.169.254/latest/meta-data",
+    "http://[::1]:{port}/hook",
+    "http://[::ffff:127.0.0.1]/hook",
+    "http://100.64.0.1/hook",
+    "http://0.0.0.0:{port}/",
+    "https://[fe80::1]/",
+    "http://224.0.0.1/",
+    "http://[64:ff9b::7f00:1]/",  # NAT64 of 127.0.0.1
+    "http://[2002:7f00:1::]/",  # 6to4 of 127.0.0.1
+]
+
+
+async def test_private_literal_refused(http_server):
+    """Private, loopback, link-local, shared and multicast IP literals are refused unconnected."""
+    async with _provider(allow_private_targets=False) as provider:
+        for template in PRIVATE_URLS:
+            url = template.format(port=http_server.port)
+            with pytest.raises(InvalidRecipientError, match="allow_private_targets"):
+                provider.validate(url)
+            with pytest.raises(InvalidRecipientError, match=r"notifications\.webhook\.allow_priv"):
+                await provider.send(_message(url))
+    assert http_server.requests == []
+
+
+def test_public_literal_accepted():
+    """Public IPv4/IPv6 literals (also embedded in mapped/NAT64 forms) pass validate()."""
+    provider = WebhookProvider()
+    for url in ["https://8.8.8.8/h", "http://[::ffff:8.8.8.8]/h", "http://[64:ff9b::808:808]/h"]:
+        assert provider.validate(url) == url
+
+
+async def test_private_name_refused_at_connect(http_server):
+    """A name resolving to loopback passes the syntax check but the pinned connect refuses it."""
+    url = f"http://localhost:{http_server.port}/hook?token=SECRET"
+    async with _provider(allow_private_targets=False) as provider:
+        assert provider.validate(url) == url  # syntax only, no DNS in validate()
+        with pytest.raises(InvalidRecipientError, match="private/loopback") as info:
+            await provider.send(_message(url))
+    assert "SECRET" not in str(info.value)
+    assert http_server.requests == []
+
+
+async def test_injected_client_checked_before_request(http_server):
+    """With an injected client, check_target refuses a private name before the request."""
+    async with httpx.AsyncClient() as client:
+        provider = WebhookProvider(client=client, timeout=2)
+        with pytest.raises(InvalidRecipientError, match="resolves to a private/loopback"):
+            await provider.send(_message(f"http://localhost:{http_server.port}/hook"))
+        await provider.aclose()
+        assert not client.is_closed  # an injected client is the caller's to close
+    assert http_server.requests == []
+
+
+async def test_injected_client_sends(http_server):
+    """An injected client is used for the request."""
+    async with (
+        httpx.AsyncClient(headers={"X-Extra": "1"}) as client,
+        _provider(client=client) as provider,
+    ):
+        await provider.send(_message(http_server.url))
+    assert http_server.requests[0].headers["x-extra"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("ftp://example.com/hook", "must use http or https"),
+        ("http:///hook", "has no host"),
+        ("example.com/hook", "must use http or https"),
+        ("http://exa mple.com/", "without spaces"),
+        ("", "non-empty"),
+    ],
+)
+async def test_bad_url_refused(url, match):
+    """Non-http(s) URLs and URLs without a host are refused, naming the URL."""
+    with pytest.raises(InvalidRecipientError, match=match):
+        validate_url(url)
+    async with _provider() as provider:
+        with pytest.raises(InvalidRecipientError, match=match):
+            provider.validate(url)
+        with pytest.raises(InvalidRecipientError, match=match):
+            await provider.send(_message(url))
+
+
+async def test_check_target():
+    """check_target: private names refused, public literals and allowed targets pass."""
+    with pytest.raises(InvalidRecipientError, match=r"'http://localhost:1/x' resolves to"):
+        await check_target("http://user:pw@localhost:1/x?k=SECRET", allow_private=False)
+    await check_target("http://localhost:1/x", allow_private=True)
+    await check_target("https://93.184.216.34/x", allow_private=False)  # literal: no DNS
+    with pytest.raises(InvalidRecipientError, match="must use http"):
+        await check_target("file:///etc/passwd", allow_private=True)
+
+
+async def test_unresolvable_host_is_transient():
+    """A host that does not resolve -> transient DeliveryError, from check and from send."""
+    with pytest.raises(DeliveryError, match="cannot resolve") as info:
+        await check_target("http://no-such-host.invalid/x", allow_private=False)
+    assert info.value.transient
+    async with _provider(allow_private_targets=False) as provider:
+        with pytest.raises(DeliveryError, match="cannot resolve"):
+            await provider.send(_message("http://no-such-host.invalid/x"))
+
+
+async def test_unserialisable_data_is_permanent(http_server):
+    """Data orjson cannot encode fails permanently and nothing is sent."""
+    async with _provider() as provider:
+        with pytest.raises(PermanentDeliveryError, match="JSON-serialisable"):
+            await provider.send(_message(http_server.url, data={"ids": {1, 2}}))
+    assert http_server.requests == []
+
+
+def test_bad_configuration():
+    """An empty secret or a non-positive timeout is a ConfigurationError."""
+    with pytest.raises(ConfigurationError, match="secret"):
+        WebhookProvider(secret="")
+    with pytest.raises(ConfigurationError, match="timeout"):
+        WebhookProvider(timeout=0)
+    with pytest.raises(ConfigurationError, match="max_connections"):
+        WebhookProvider(max_connections=0)
+
+
+async def test_connections_reused_and_capped_per_host(http_server):
+    """Sequential sends share one connection; concurrent ones stay within max_connections."""
+    accepted = _count_connections(http_server)
+    async with _provider(max_connections=3) as provider:
+        for _ in range(10):
+            await provider.send(_message(http_server.url))
+        assert len(accepted) == 1
+        http_server.responder = lambda _r: Reply(200, {}, delay=0.02)
+        await asyncio.gather(*(provider.send(_message(http_server.url)) for _ in range(12)))
+    assert len(http_server.requests) == 22
+    assert len(accepted) <= 3
+
+
+async def test_usable_again_after_aclose(http_server):
+    """aclose() drops the pool; the next send opens a new one."""
+    provider = _provider()
+    await provider.send(_message(http_server.url))
+    await provider.aclose()
+    await provider.aclose()
+    await provider.send(_message(http_server.url))
+    await provider.aclose()
+    assert len(http_server.requests) == 2
