@@ -61,12 +61,7 @@ def normalize_e164(number: str) -> str:
         InvalidRecipientError: The number is not international, cannot be parsed, or is not a
             possible and valid number for its country.
     """
-    try:
-        import phonenumbers  # noqa: PLC0415 -- optional dependency, only SMS needs it
-    except ImportError as exc:  # pragma: no cover - depends on the installed extras
-        raise ImportError(
-            "SMS needs the 'sms' extra: pip install 'dotmac-communications[sms]'"
-        ) from exc
+    import phonenumbers  # noqa: PLC0415 -- a core dependency, but loading its metadata is slow
 
     text = number.strip()
     if not text.startswith("+"):
