@@ -108,7 +108,7 @@ def test_recipient_validation():
         slack.validate("default")
     with pytest.raises(InvalidRecipientError, match="webhook URL or 'default'"):
         slack.validate("#general")
-    with pytest.raises(InvalidRecipientError, match=r"notifications\.chat\.allow_private"):
+    with pytest.raises(InvalidRecipientError, match=r"notifications\.webhook\.allow_private"):
         slack.validate("http://127.0.0.1:9/hook")
     with pytest.raises(ConfigurationError, match="webhook_url"):
         TeamsProvider(webhook_url="http://10.1.2.3/hook")

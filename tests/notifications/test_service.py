@@ -155,7 +155,9 @@ async def test_failure_on_every_provider_goes_to_dead_letters_and_replays(clock:
         replayed = await svc.dead_letters.replay()
         assert [r.status for r in replayed] == ["sent"]
         assert replayed[0].id == note.id
-        assert replayed[0].deliveries[0].recipient == letter.recipient
+        by_recipient = {d.recipient: d.status for d in replayed[0].deliveries}
+        assert by_recipient == {"https://a.example/x": "sent", "https://b.example/y": "sent"}
+        assert (await svc.result(note.id)) == replayed[0]  # the saved result is whole again
         assert await svc.dead_letters.list() == []
         assert [m.recipient for m in rec.sent].count(letter.recipient) == 1
         assert "replayed" in [e.event for e in await svc.status(note.id)]
@@ -363,3 +365,51 @@ async def test_in_app_delivery_and_fallback_for_offline_users(clock: FakeClock) 
     assert gateway.sent[0][1]["data"] == {"invoice": 7}
     assert gateway.sent[0][1]["type"] == "notification"
     assert [m.recipient for m in email.sent] == ["u2@example.com"]
+
+
+async def test_a_provider_bug_fails_that_provider_only(clock: FakeClock) -> None:
+    async def broken(message: OutboundMessage) -> SendReceipt:
+        raise KeyError("oops")
+
+    backup = Recorder()
+    async with _svc(
+        clock,
+        CallbackProvider("webhook", broken, name="broken"),
+        CallbackProvider("webhook", backup, name="ok"),
+    ) as svc:
+        result = await svc.send(_note(to=["https://a.example/1", "https://a.example/2"]))
+    assert [d.provider for d in result.deliveries] == ["ok", "ok"]
+    assert clock.sleeps == []  # a bug is not retried
+    history = await svc.status(result.id)
+    assert "failed unexpectedly: KeyError('oops')" in (history[0].error or "")
+
+
+async def test_cancelled_result_and_unsuppress(clock: FakeClock) -> None:
+    rec = Recorder(RecipientUnregisteredError("gone"))
+    async with _svc(clock, CallbackProvider("push", rec)) as svc:
+        send_at = datetime.fromtimestamp(clock.time(), UTC) + timedelta(minutes=5)
+        scheduled = await svc.send(_note(channel="push", to="tok", send_at=send_at))
+        await svc.cancel(scheduled.id)
+        assert (await svc.result(scheduled.id)).status == "cancelled"  # type: ignore[union-attr]
+        assert (await svc.send(_note(channel="push", to="tok"))).status == "suppressed"
+        assert await svc.unsuppress("push", "tok")
+        assert (await svc.send(_note(channel="push", to="tok"))).status == "sent"
+
+
+async def test_scheduled_notification_that_can_no_longer_be_sent_is_dead_lettered(
+    clock: FakeClock,
+) -> None:
+    from dotmac.communications.notifications import MemoryStore
+
+    store = MemoryStore(clock=clock)
+    async with _svc(clock, CallbackProvider("sms", Recorder()), store=store) as before:
+        send_at = datetime.fromtimestamp(clock.time(), UTC) + timedelta(minutes=1)
+        await before.send(_note(channel="sms", to="+14155550100", send_at=send_at))
+    # Restarted without an SMS provider: the due notification is dead-lettered, not lost.
+    async with _svc(clock, CallbackProvider("webhook", Recorder()), store=store) as after:
+        clock.advance(61)
+        assert await after.run_due() == 1
+        (letter,) = await after.dead_letters.list()
+        assert await after.run_due() == 0
+    assert "no provider for channel 'sms'" in letter.error
+    assert letter.recipient == "+14155550100"

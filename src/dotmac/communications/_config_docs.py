@@ -50,6 +50,8 @@ def _render(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))  # env values of dict settings are JSON
     return str(value)
 
 
@@ -67,7 +69,12 @@ def env_example() -> str:
         lines.append(f"# {env}={_render(default)}")
     lines.append("\n# ---- deprecated flat names (still read, with a DeprecationWarning) ----")
     for old, path in LEGACY_ENV.items():
-        lines.append(f"# {old}=  -> DOTMAC_{'__'.join(path).upper()}")
+        if path[-1] == "legacy_use_tls":  # resolved once every source is merged
+            email = "DOTMAC_" + "__".join(path[:-1]).upper()
+            target = f"{email}__USE_TLS on port 465, else {email}__START_TLS"
+        else:
+            target = "DOTMAC_" + "__".join(path).upper()
+        lines.append(f"# {old}=  -> {target}")
     return "\n".join(lines) + "\n"
 
 

@@ -210,15 +210,18 @@ class TwilioSettings(_Section):
     account_sid: str | None = Field(None, description="Twilio account SID.")
     auth_token: SecretStr | None = Field(None, description="Twilio auth token (secret).")
     base_url: str = Field("https://api.twilio.com", description="Twilio API base URL.")
+    messaging_service_sid: str | None = Field(
+        None, description="Messaging Service SID to send from (instead of sms.from_number)."
+    )
 
 
 class HttpSmsSettings(_Section):
     """Generic HTTP SMS gateway (``DOTMAC_NOTIFICATIONS__SMS__HTTP__*``)."""
 
     url: str | None = Field(None, description="Gateway URL the message is sent to.")
-    method: Literal["POST", "PUT"] = Field("POST", description="HTTP method.")
+    method: Literal["POST", "PUT", "PATCH"] = Field("POST", description="HTTP method.")
     body_template: dict[str, Any] = Field(
-        default_factory=lambda: {"to": "{to}", "from": "{from}", "text": "{body}"},
+        default_factory=lambda: {"to": "{to}", "text": "{body}"},
         description="JSON body; {to}, {from}, {body} and {id} are substituted (JSON text).",
     )
     auth_header: str | None = Field(None, description="Name of the auth header (Authorization).")

@@ -45,6 +45,7 @@ def providers_from_settings(settings: NotificationsSettings) -> list[Provider]:
                 account_sid=sms.twilio.account_sid,
                 auth_token=sms.twilio.auth_token.get_secret_value(),
                 from_number=sms.from_number,
+                messaging_service_sid=sms.twilio.messaging_service_sid,
                 base_url=sms.twilio.base_url,
             )
         )

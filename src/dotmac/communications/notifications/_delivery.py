@@ -11,6 +11,7 @@ from dotmac.communications.errors import (
     CircuitOpenError,
     CommunicationsError,
     InvalidRecipientError,
+    PermanentDeliveryError,
     RecipientOfflineError,
     RecipientUnregisteredError,
 )
@@ -33,6 +34,20 @@ AttemptFailed = Callable[[int, BaseException], Awaitable[None]]
 """Called after each failed attempt with its number and error (status history)."""
 
 _ATTEMPT_FAILURES = "dotmac.notifications.attempt.failures"
+_RETRIES = "dotmac.resilience.retries"
+
+
+def _as_library_error(exc: Exception, provider: str) -> CommunicationsError:
+    # A provider must raise library errors; anything else is a bug in it (or in a host's
+    # CallbackProvider). Caught broadly so one bad provider cannot lose the results of the
+    # other recipients: logged with its traceback, then treated as a permanent failure of this
+    # provider (the chain moves on, nothing is retried).
+    if isinstance(exc, CommunicationsError):
+        return exc
+    log.error("notifications: provider %s raised %r", provider, exc, exc_info=exc)
+    error = PermanentDeliveryError(f"provider {provider} failed unexpectedly: {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
 _FINAL_FOR_RECIPIENT = (InvalidRecipientError, RecipientUnregisteredError, RecipientOfflineError)
@@ -95,7 +110,8 @@ class GuardedProvider:
                         dataclasses.replace(message, attempt=attempt)
                     )
                 return Outcome(attempt, receipt=receipt)
-            except CommunicationsError as exc:
+            except Exception as raw:  # noqa: BLE001 -- see _as_library_error
+                exc = _as_library_error(raw, self.name)
                 metrics.counter(_ATTEMPT_FAILURES, unit="{attempt}").add(
                     1,
                     {"notification.channel": message.channel, "notification.provider": self.name,
@@ -107,6 +123,13 @@ class GuardedProvider:
                 delay = self.retry.retry_delay(attempt, exc, elapsed=self.clock.monotonic() - start)
                 if delay is None:
                     return Outcome(attempt, error=exc)
+                retry_attrs = {
+                    "error.type": type(exc).__qualname__,
+                    "policy": self.retry.name or self.name,
+                }
+                metrics.counter(_RETRIES, description="Attempts retried by a RetryPolicy").add(
+                    1, retry_attrs
+                )
                 if self.retry.on_retry is not None:
                     self.retry.on_retry(RetryAttempt(attempt, delay, exc, self.retry.name))
                 log.info(

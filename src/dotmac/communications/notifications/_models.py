@@ -67,6 +67,8 @@ class DeliveryStatus(StrEnum):
     """``send_at`` is in the future; the scheduler sends it then."""
     SUPPRESSED = "suppressed"
     """The recipient is known to be gone (push token unregistered); nothing was sent."""
+    CANCELLED = "cancelled"
+    """A scheduled notification was cancelled before it was due."""
 
 
 class NotificationStatus(StrEnum):
@@ -78,6 +80,7 @@ class NotificationStatus(StrEnum):
     DEDUPLICATED = "deduplicated"
     SCHEDULED = "scheduled"
     SUPPRESSED = "suppressed"
+    CANCELLED = "cancelled"
 
 
 def new_notification_id() -> str:

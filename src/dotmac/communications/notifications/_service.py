@@ -25,7 +25,12 @@ from dotmac.communications.errors import (
     RecipientUnregisteredError,
 )
 from dotmac.communications.observability import metrics, tracing
-from dotmac.communications.resilience import CircuitBreaker, RateLimiter, RetryPolicy
+from dotmac.communications.resilience import (
+    CircuitBreaker,
+    CircuitBreakerOptions,
+    RateLimiter,
+    RetryPolicy,
+)
 
 from ._delivery import GuardedProvider, Outcome, is_final_for_recipient
 from ._models import (
@@ -78,6 +83,8 @@ class NotificationService:
         history_ttl: Seconds the status history and results are kept.
         recipient_concurrency: Recipients of one notification sent at once.
         scheduler_interval: Seconds between looks for due scheduled notifications.
+        breaker: Circuit breaker options for every provider (``failure_rate_threshold``,
+            ``minimum_calls``, ``reset_timeout``...; see :class:`CircuitBreaker`).
         clock: Clock for backoff, breakers, rate limits and scheduling.
     """
 
@@ -96,6 +103,7 @@ class NotificationService:
         history_ttl: float = 7 * 86_400.0,
         recipient_concurrency: int = 10,
         scheduler_interval: float = 1.0,
+        breaker: CircuitBreakerOptions | None = None,
         clock: Clock | None = None,
     ) -> None:
         if recipient_concurrency < 1 or not scheduler_interval > 0:
@@ -116,6 +124,7 @@ class NotificationService:
         self.recipient_concurrency = recipient_concurrency
         self.scheduler_interval = scheduler_interval
         self._redis_url = redis_url
+        self._breaker_options: CircuitBreakerOptions = breaker or {}
         self._chains: dict[str, list[GuardedProvider]] = {}
         self._scheduler: asyncio.Task[None] | None = None
         self._started = False
@@ -191,11 +200,13 @@ class NotificationService:
                 redis_url=self._redis_url,
                 clock=None if self._redis_url else self.clock,
             )
+        options = CircuitBreakerOptions(clock=self.clock)
+        options.update(self._breaker_options)
         chain.append(
             GuardedProvider(
                 provider,
                 retry=self.retry,
-                breaker=CircuitBreaker(f"notify:{channel}:{provider.name}", clock=self.clock),
+                breaker=CircuitBreaker(f"notify:{channel}:{provider.name}", **options),
                 limiter=limiter,
                 clock=self.clock,
             )
@@ -299,11 +310,23 @@ class NotificationService:
         """The last result of a notification, while its history is kept."""
         return await self.store.get_result(notification_id)
 
+    async def unsuppress(self, channel: str, recipient: str) -> bool:
+        """Send to a suppressed recipient again (a token re-registered, a user sent START)."""
+        return await self.store.unsuppress(NotificationChannel(channel).value, recipient)
+
     async def cancel(self, notification_id: str) -> bool:
         """Cancel a scheduled notification not yet taken for sending; True if it was waiting."""
         cancelled = await self.store.cancel_scheduled(notification_id)
         if cancelled:
             await self._record(notification_id, [self._entry("cancelled")])
+            scheduled = await self.store.get_result(notification_id)
+            if scheduled is not None:
+                deliveries = tuple(
+                    dataclasses.replace(d, status=DeliveryStatus.CANCELLED)
+                    for d in scheduled.deliveries
+                )
+                result = NotificationResult.of(notification_id, deliveries)
+                await self.store.save_result(result, self.history_ttl)
         return cancelled
 
     def _prepare(self, notification: Notification) -> list[OutboundMessage]:
@@ -408,8 +431,13 @@ class NotificationService:
         return result
 
     async def _deliver_all(
-        self, notification: Notification, messages: list[OutboundMessage]
+        self,
+        notification: Notification,
+        messages: list[OutboundMessage],
+        *,
+        merge: bool = False,
     ) -> NotificationResult:
+        """Deliver to every recipient; with ``merge``, update the saved result's deliveries."""
         start = time.perf_counter()
         gate = asyncio.Semaphore(self.recipient_concurrency)
 
@@ -429,6 +457,12 @@ class NotificationService:
             else:
                 deliveries = tuple(await asyncio.gather(*(one(m) for m in messages)))
         result = NotificationResult.of(notification.id, deliveries)
+        if merge:
+            earlier = await self.store.get_result(notification.id)
+            if earlier is not None:
+                fresh = {d.recipient: d for d in deliveries}
+                kept = tuple(fresh.pop(d.recipient, d) for d in earlier.deliveries)
+                result = NotificationResult.of(notification.id, kept + tuple(fresh.values()))
         await self.store.save_result(result, self.history_ttl)
         metrics.histogram(_DURATION, unit="s").record(
             time.perf_counter() - start,
@@ -627,11 +661,20 @@ class NotificationService:
             try:
                 messages = self._prepare(notification)
                 await self._deliver_all(notification, messages)
-            except NotificationError as exc:
-                log.error(  # noqa: TRY400 -- bad input, not a bug: no traceback
+            except (NotificationError, ConfigurationError) as exc:
+                # It cannot be sent as it stands (a template or provider went away since it
+                # was scheduled): dead-letter every recipient, to replay once that is fixed.
+                log.error(  # noqa: TRY400 -- bad input or configuration, not a bug
                     "notifications: scheduled %s cannot be sent: %s", notification.id, exc
                 )
-                await self._record(notification.id, [self._entry("failed", error=str(exc))])
+                for recipient in notification.to:
+                    message = OutboundMessage(
+                        notification.id, notification.channel.value, recipient
+                    )
+                    await self._fail(
+                        notification, message, f"{type(exc).__name__}: {exc}",
+                        provider=None, attempts=0,
+                    )  # fmt: skip
             await self.store.finish_scheduled(notification.id)
         return len(due)
 
@@ -699,7 +742,7 @@ class NotificationDeadLetters:
             if not await service.store.remove_dead([letter.id]):
                 continue  # replayed meanwhile by someone else
             await service._record(notification.id, [service._entry("replayed", letter.recipient)])
-            results.append(await service._deliver_all(notification, messages))
+            results.append(await service._deliver_all(notification, messages, merge=True))
         return results
 
     async def purge(

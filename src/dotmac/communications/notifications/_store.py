@@ -25,8 +25,8 @@ class StatusEntry:
 
     time: datetime
     event: str
-    """``accepted``, ``scheduled``, ``attempt_failed``, ``sent``, ``failed``, ``suppressed``,
-    ``deduplicated`` or ``replayed``."""
+    """``scheduled``, ``cancelled``, ``attempt_failed``, ``sent``, ``failed``, ``suppressed`` or
+    ``replayed``."""
     recipient: str | None = None
     provider: str | None = None
     attempt: int = 0
@@ -136,6 +136,10 @@ class NotificationStore(abc.ABC):
     @abc.abstractmethod
     async def suppress(self, channel: str, recipient: str, reason: str) -> None:
         """Mark a recipient as gone on a channel (push token unregistered)."""
+
+    @abc.abstractmethod
+    async def unsuppress(self, channel: str, recipient: str) -> bool:
+        """Lift a suppression (the user opted in again); True if there was one."""
 
     @abc.abstractmethod
     async def suppressed(self, channel: str, recipient: str) -> str | None:

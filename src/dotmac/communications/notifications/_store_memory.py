@@ -289,6 +289,10 @@ class MemoryStore(NotificationStore):
         while len(self._suppressed) > self.max_suppressed:
             self._suppressed.popitem(last=False)
 
+    async def unsuppress(self, channel: str, recipient: str) -> bool:
+        """See :meth:`NotificationStore.unsuppress`."""
+        return self._suppressed.pop((str(channel), recipient), None) is not None
+
     async def suppressed(self, channel: str, recipient: str) -> str | None:
         """See :meth:`NotificationStore.suppressed`."""
         return self._suppressed.get((str(channel), recipient))

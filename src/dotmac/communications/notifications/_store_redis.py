@@ -527,6 +527,12 @@ class RedisStore(NotificationStore):
         async with bounded_redis_call("notification store suppress", self.timeout):
             await self.client.hset(self._key("suppress", str(channel)), recipient, reason)
 
+    async def unsuppress(self, channel: str, recipient: str) -> bool:
+        """See :meth:`NotificationStore.unsuppress`."""
+        async with bounded_redis_call("notification store unsuppress", self.timeout):
+            removed = await self.client.hdel(self._key("suppress", str(channel)), recipient)
+        return bool(removed)
+
     async def suppressed(self, channel: str, recipient: str) -> str | None:
         """See :meth:`NotificationStore.suppressed`."""
         async with bounded_redis_call("notification store suppressed", self.timeout):

@@ -55,6 +55,10 @@ class AppriseProvider(Provider):
         self.channel = channel  # type: ignore[misc]  # per instance: apprise serves any channel
         self.name = name
 
+    def handles(self, recipient: str) -> bool:
+        """Apprise URLs only (``scheme://...`` other than http/https)."""
+        return "://" in recipient and not recipient.lower().startswith(("http://", "https://"))
+
     def validate(self, recipient: str) -> str:
         """The recipient must be an URL apprise understands."""
         if self._apprise.Apprise.instantiate(recipient) is None:

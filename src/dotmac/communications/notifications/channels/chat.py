@@ -49,7 +49,7 @@ from dotmac.communications.notifications.channels.base import Provider
 __all__ = ["ChatWebhookProvider", "DiscordProvider", "SlackProvider", "TeamsProvider"]
 
 DEFAULT_RECIPIENT = "default"
-_SETTING = "notifications.chat.allow_private_targets"
+_SETTING = "notifications.webhook.allow_private_targets"  # chat shares the webhook switch
 _ELLIPSIS = "…"
 
 
@@ -134,8 +134,8 @@ class ChatWebhookProvider(Provider):
         """
         if recipient in (DEFAULT_RECIPIENT, self.name, self.vendor):
             return True
-        if "://" not in recipient:
-            return False
+        if not recipient.lower().startswith(("http://", "https://")):
+            return False  # not a webhook URL (an apprise URL, another provider's name)
         try:
             host = (httpx.URL(recipient).host or "").lower()
         except httpx.InvalidURL:
