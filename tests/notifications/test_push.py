@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from _support.http_server import RecordingHTTPServer, Reply, serve
+from _support.http_server import RecordingHTTPServer, Reply
 from dotmac.communications.errors import (
     ConfigurationError,
     DeliveryError,
@@ -29,23 +29,6 @@ NOW = 1_700_000_000.0
 SEND_PATH = "/v1/projects/demo-project/messages:send"
 DEVICE = "dGVzdC1kZXZpY2U6APA91bHk-token_0123"
 EMAIL = "fcm-sender@demo-project.iam.gserviceaccount.com"
-
-
-@pytest.fixture(scope="module")
-def _module_server():
-    # One server per module: stopping one costs ~0.5 s (serve_forever's poll interval).
-    yield from serve()
-
-
-@pytest.fixture
-def http_server(_module_server: RecordingHTTPServer):
-    """The module's recording server, emptied for this test."""
-    server = _module_server
-    with server._lock:  # no public reset: drop what an earlier test left behind
-        server.requests.clear()
-        server._queue.clear()
-    server.responder = lambda _r: Reply(200, {})
-    return server
 
 
 class Clock:
@@ -402,6 +385,7 @@ def webpush(vapid_pem, **kwargs) -> WebPushProvider:
         "vapid_private_key": vapid_pem,
         "vapid_subject": "mailto:ops@example.com",
         "clock": Clock(),
+        "allow_private_targets": True,  # the push service is on loopback
     }
     options.update(kwargs)
     return WebPushProvider(**options)
@@ -603,3 +587,18 @@ def test_webpush_configuration_errors(vapid_pem, rsa_key):
     ).decode()
     with pytest.raises(ConfigurationError, match="P-256"):
         webpush(rsa_pem)
+
+
+async def test_web_push_refuses_private_endpoints(vapid_pem, http_server):
+    """A browser-supplied endpoint on a private network is refused before any request (SSRF)."""
+    public = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    )
+    provider = webpush(vapid_pem, allow_private_targets=False)
+    for endpoint in ("https://10.0.0.5/push", "https://169.254.169.254/x", f"{http_server.url}/p"):
+        sub = subscription(endpoint, public, os.urandom(16))
+        with pytest.raises(InvalidRecipientError, match="allow_private_targets"):
+            await provider.send(OutboundMessage("n", "push", sub, text="x"))
+    assert http_server.requests == []

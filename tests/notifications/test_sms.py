@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from _support.http_server import RecordingHTTPServer, Reply, serve
+from _support.http_server import Reply
 from dotmac.communications.errors import (
     ConfigurationError,
     DeliveryError,
@@ -22,24 +22,6 @@ from dotmac.communications.notifications.channels.sms import (
     TwilioProvider,
     normalize_e164,
 )
-
-
-@pytest.fixture(scope="module")
-def _module_server():
-    # One server per module: stopping one costs ~0.5 s (serve_forever's poll interval).
-    yield from serve()
-
-
-@pytest.fixture
-def http_server(_module_server: RecordingHTTPServer):
-    """The module's recording server, emptied for this test."""
-    server = _module_server
-    with server._lock:  # no public reset: drop what an earlier test left behind
-        server.requests.clear()
-        server._queue.clear()
-    server.responder = lambda _r: Reply(200, {})
-    return server
-
 
 TO = "+14155550100"
 FROM = "+14155550199"

@@ -30,6 +30,7 @@ from dotmac.communications.errors import (
 )
 from dotmac.communications.notifications._models import OutboundMessage, SendReceipt
 from dotmac.communications.notifications.channels._http import HttpSender
+from dotmac.communications.notifications.channels._targets import check_target
 from dotmac.communications.notifications.channels.base import Provider
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ _ECE_OVERHEAD = 16 + 4 + 1 + 65 + 1 + 16
 _VAPID_LIFETIME = 12 * 3600
 _URGENCY = {"low": "low", "normal": "normal", "high": "high", "urgent": "high"}
 _GONE = (404, 410)
+_PRIVATE_SETTING = "notifications.webhook.allow_private_targets"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +184,8 @@ class WebPushProvider(Provider):
         client: A ready ``httpx.AsyncClient`` to use (not closed by :meth:`aclose`).
         clock: Wall clock in seconds (VAPID expiry); injectable for tests.
         name: Provider name in results, metrics and breakers.
+        allow_private_targets: Allow endpoints on loopback/private addresses (tests only);
+            checked before each send, as for webhooks.
 
     Raises:
         ConfigurationError: A bad key, subject or ttl.
@@ -200,6 +204,7 @@ class WebPushProvider(Provider):
         client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.time,
         name: str = "webpush",
+        allow_private_targets: bool = False,
     ) -> None:
         try:
             import http_ece  # type: ignore[import-untyped]  # noqa: F401, PLC0415 -- checked here
@@ -234,6 +239,7 @@ class WebPushProvider(Provider):
         self.ttl = ttl
         self.name = name
         self._clock = clock
+        self.allow_private_targets = allow_private_targets
         self._http = HttpSender(name, timeout=timeout, client=client)
 
     def validate(self, recipient: str) -> str:
@@ -268,6 +274,11 @@ class WebPushProvider(Provider):
             DeliveryError: Network error, timeout, 429 or 5xx (transient).
         """
         sub = _parse_subscription(message.recipient)
+        # The endpoint comes from a browser, so from whoever controls one: refuse endpoints on
+        # private networks (server-side request forgery) as webhooks do.
+        await check_target(
+            sub.endpoint, allow_private=self.allow_private_targets, setting=_PRIVATE_SETTING
+        )
         plaintext = self._payload(message)
         headers = {
             "Authorization": self._vapid_authorization(sub.origin),
