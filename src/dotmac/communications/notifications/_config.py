@@ -85,6 +85,7 @@ def providers_from_settings(settings: NotificationsSettings) -> list[Provider]:
                 vapid_private_key=push.webpush.vapid_private_key.get_secret_value(),
                 vapid_subject=push.webpush.vapid_subject,
                 ttl=push.webpush.ttl,
+                allow_private_targets=settings.webhook.allow_private_targets,
             )
         )
     from .channels.webhook import WebhookProvider  # noqa: PLC0415

@@ -11,16 +11,27 @@ and the OS's exceptions through for the provider to translate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosmtplib
 
-__all__ = ["PooledConnection", "SmtpPool"]
+__all__ = ["PooledConnection", "SmtpPool", "drop_connection"]
 
 _QUIT_TIMEOUT = 2.0
+
+
+def drop_connection(smtp: aiosmtplib.SMTP) -> None:
+    """Close ``smtp`` at once, without QUIT or a TLS close_notify exchange.
+
+    Used for connections in an unknown or failed state. ``SMTP.close()`` alone starts a graceful
+    TLS shutdown that needs the event loop to keep running; aborting frees the socket now.
+    """
+    transport = smtp.transport
+    smtp.close()
+    if transport is not None:
+        transport.abort()
 
 
 @dataclass(slots=True, eq=False)
@@ -67,8 +78,12 @@ class SmtpPool:
         """Connections open and waiting to be reused."""
         return len(self._idle)
 
-    async def acquire(self) -> PooledConnection:
+    async def acquire(self, *, fresh: bool = False) -> PooledConnection:
         """Wait for a free slot, then return a live idle connection or a new one.
+
+        Args:
+            fresh: Open a new connection even if idle ones exist (the least recently used idle
+                one is closed to stay within ``size``).
 
         Raises:
             aiosmtplib.SMTPException | OSError: Opening a new connection failed (the slot is
@@ -76,7 +91,9 @@ class SmtpPool:
         """
         await self._slots.acquire()
         try:
-            while self._idle:
+            if fresh and self._idle:
+                drop_connection(self._idle.pop(0).smtp)
+            while self._idle and not fresh:
                 conn = self._idle.pop()
                 if await self._alive(conn):
                     conn.reused = True
@@ -95,7 +112,7 @@ class SmtpPool:
                 conn.last_used = self._clock()
                 self._idle.append(conn)
             else:
-                conn.smtp.close()
+                drop_connection(conn.smtp)
         finally:
             self._slots.release()
 
@@ -110,7 +127,7 @@ class SmtpPool:
 
     async def _alive(self, conn: PooledConnection) -> bool:
         if not conn.smtp.is_connected:
-            conn.smtp.close()
+            drop_connection(conn.smtp)
             return False
         if self._clock() - conn.last_used < self._noop_after:
             return True
@@ -118,15 +135,16 @@ class SmtpPool:
             await conn.smtp.noop()
         except (aiosmtplib.SMTPException, OSError):
             # Any failure means the connection is unusable; the caller opens a fresh one.
-            conn.smtp.close()
+            drop_connection(conn.smtp)
             return False
         except BaseException:
-            conn.smtp.close()
+            drop_connection(conn.smtp)
             raise
         return True
 
 
 async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    transport = smtp.transport
     try:
         async with asyncio.timeout(_QUIT_TIMEOUT):
             await smtp.quit()
@@ -134,5 +152,6 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
         # A polite QUIT that fails changes nothing: the connection is closed below either way.
         pass
     finally:
-        with contextlib.suppress(OSError):
-            smtp.close()
+        smtp.close()
+        if transport is not None:
+            transport.abort()
