@@ -274,3 +274,25 @@ async def test_scheduled_send_survives_a_service_restart_on_redis(
         history = [e.event for e in await second.status(result.id)]
     assert [r.json() for r in http_server.requests] == [{"x": 1}]
     assert history == ["scheduled", "sent"]
+
+
+async def test_bad_sender_or_header_is_refused_at_the_call(smtp: tuple[Controller, Inbox]) -> None:
+    """What is wrong for every recipient raises at send(); nothing reaches the server."""
+    from dotmac.communications.errors import ConfigurationError, InvalidRecipientError
+
+    controller, inbox = smtp
+    no_from = _config(email={"host": "127.0.0.1", "port": controller.port})
+    async with NotificationService.from_config(no_from.notifications) as svc:
+        with pytest.raises(ConfigurationError, match="no From address"):
+            await svc.send(Notification(channel="email", to="a@example.com", text="x"))
+        with pytest.raises(InvalidRecipientError, match="sender"):
+            await svc.send(
+                Notification(channel="email", to="a@example.com", text="x", sender="nope")
+            )
+        with pytest.raises(InvalidRecipientError, match="Cc"):
+            await svc.send(
+                Notification(channel="email", to="a@example.com", text="x", sender="a@example.com",
+                             headers={"Cc": "b@example.com"})
+            )  # fmt: skip
+        assert await svc.dead_letters.list() == []
+    assert inbox.messages == []

@@ -352,7 +352,7 @@ class NotificationService:
                 raise ConfigurationError(f"fallback channel {fallback!r} has no provider")
             for address in notification.fallback_to.values():
                 self._route(fallback, address)[0].provider.validate(address)
-        return [
+        messages = [
             OutboundMessage(
                 notification_id=notification.id,
                 channel=channel,
@@ -371,6 +371,13 @@ class NotificationService:
             )
             for recipient in notification.to
         ]
+        checked: set[str] = set()
+        for message in messages:  # once per provider: sender, headers, body
+            provider = self._route(channel, message.recipient)[0].provider
+            if provider.name not in checked:
+                provider.check(message)
+                checked.add(provider.name)
+        return messages
 
     def _route(self, channel: str, recipient: str) -> list[GuardedProvider]:
         chain = [g for g in self._chains.get(channel, ()) if g.provider.handles(recipient)]

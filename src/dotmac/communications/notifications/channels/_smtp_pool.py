@@ -1,23 +1,40 @@
-"""A small pool of SMTP connections for :class:`~.email.SMTPProvider`.
+"""SMTP plumbing for :class:`~.email.SMTPProvider`: a connection pool and error translation.
 
 At most ``size`` connections are open (idle or leased) at once; a caller waits for a free slot,
 so the waiting counts against whatever deadline surrounds :meth:`SmtpPool.acquire`. Idle
 connections are reused most-recently-used first; one that has sat idle longer than
 ``noop_after`` seconds is checked with ``NOOP`` before it is handed out, and a dead one is
-closed and replaced. The pool knows nothing about the library's errors: it lets aiosmtplib's
-and the OS's exceptions through for the provider to translate.
+closed and replaced. The pool lets aiosmtplib's and the OS's exceptions through;
+:func:`translate_error` maps them to the library's errors at the provider's boundary:
+4xx → :class:`DeliveryError`, 5xx → :class:`PermanentDeliveryError` (server code and text kept),
+an untrusted certificate or a missing required extension → :class:`PermanentDeliveryError`,
+network errors and disconnects → :class:`DeliveryError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosmtplib
 
-__all__ = ["PooledConnection", "SmtpPool", "drop_connection"]
+from dotmac.communications.errors import (
+    CommunicationsError,
+    DeliveryError,
+    PermanentDeliveryError,
+)
+
+__all__ = [
+    "PooledConnection",
+    "SmtpPool",
+    "drop_connection",
+    "smtp_hello",
+    "smtp_reset",
+    "translate_error",
+]
 
 _QUIT_TIMEOUT = 2.0
 
@@ -30,8 +47,7 @@ def drop_connection(smtp: aiosmtplib.SMTP) -> None:
     """
     transport = smtp.transport
     smtp.close()
-    if transport is not None:
-        transport.abort()
+    _abort(transport)
 
 
 @dataclass(slots=True, eq=False)
@@ -153,5 +169,88 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
         pass
     finally:
         smtp.close()
-        if transport is not None:
-            transport.abort()
+        _abort(transport)
+
+
+def _abort(transport: asyncio.BaseTransport | None) -> None:
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+
+
+async def smtp_hello(smtp: aiosmtplib.SMTP) -> None:
+    """Send EHLO, falling back to HELO for servers that refuse it."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        await smtp.helo()
+
+
+async def smtp_reset(smtp: aiosmtplib.SMTP) -> bool:
+    """Send RSET after a failed transaction; False when the connection must be dropped."""
+    try:
+        await smtp.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        # The envelope cannot be cleared: the connection is dropped instead of reused.
+        return False
+    return True
+
+
+def translate_error(
+    exc: aiosmtplib.SMTPException | OSError,
+    *,
+    provider: str,
+    where: str,
+    stage: str,
+    username: str | None,
+    sender: str,
+    recipient: str,
+) -> CommunicationsError:
+    """Map an aiosmtplib or OS error to the library's error (see the module docstring).
+
+    Args:
+        exc: The error raised while connecting or sending.
+        provider: Provider name, first in the message.
+        where: ``host:port`` of the server.
+        stage: What was being done (``MAIL FROM``, ``RCPT TO``, ``DATA``, connecting...).
+        username: The AUTH user, named when credentials are refused (never the password).
+        sender: Envelope sender.
+        recipient: Envelope recipient.
+    """
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            what = f"{where} refused the credentials of {username!r}"
+        elif isinstance(exc, aiosmtplib.SMTPRecipientRefused):
+            what = f"{where} refused recipient {recipient}"
+        elif isinstance(exc, aiosmtplib.SMTPSenderRefused):
+            what = f"{where} refused sender {sender}"
+        elif isinstance(exc, aiosmtplib.SMTPDataError):
+            what = f"{where} refused the message to {recipient}"
+        elif isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+            what = f"{where} refused the connection"
+        else:
+            what = f"{where} answered an error during {stage}"
+        text = f"{provider}: {what}: {exc.code} {exc.message}"
+        return PermanentDeliveryError(text) if exc.code >= 500 else DeliveryError(text)
+    cert_error = _find_cause(exc, ssl.SSLCertVerificationError)
+    if cert_error is not None:
+        return PermanentDeliveryError(
+            f"{provider}: TLS certificate of {where} not trusted: {cert_error}"
+        )
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return DeliveryError(f"{provider}: {where} closed the connection during {stage}")
+    if isinstance(exc, OSError):
+        return DeliveryError(f"{provider}: cannot reach {where}: {exc}")
+    # SMTPNotSupported and plain SMTPException: a required extension (STARTTLS, AUTH) is
+    # missing or the server answered nonsense; retrying the same server will not help.
+    return PermanentDeliveryError(f"{provider}: {where} during {stage}: {exc}")
+
+
+def _find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

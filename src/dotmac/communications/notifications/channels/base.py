@@ -49,6 +49,17 @@ class Provider(abc.ABC):
         """
         return recipient
 
+    def check(self, message: OutboundMessage) -> None:  # noqa: B027 -- optional hook
+        """Check what is the same for every recipient (sender, headers, body) before sending.
+
+        The service calls it once per notification, after :meth:`validate`.
+
+        Raises:
+            InvalidRecipientError: A malformed sender or header.
+            ConfigurationError: The provider lacks something the message needs (a From).
+            PermanentDeliveryError: The message cannot be sent by this provider at all.
+        """
+
     def handles(self, recipient: str) -> bool:
         """Whether this provider serves ``recipient`` (default: every recipient).
 
