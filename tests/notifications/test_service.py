@@ -404,12 +404,15 @@ async def test_scheduled_notification_that_can_no_longer_be_sent_is_dead_lettere
     store = MemoryStore(clock=clock)
     async with _svc(clock, CallbackProvider("sms", Recorder()), store=store) as before:
         send_at = datetime.fromtimestamp(clock.time(), UTC) + timedelta(minutes=1)
-        await before.send(_note(channel="sms", to="+14155550100", send_at=send_at))
+        scheduled = await before.send(_note(channel="sms", to="+14155550100", send_at=send_at))
     # Restarted without an SMS provider: the due notification is dead-lettered, not lost.
     async with _svc(clock, CallbackProvider("webhook", Recorder()), store=store) as after:
         clock.advance(61)
         assert await after.run_due() == 1
         (letter,) = await after.dead_letters.list()
         assert await after.run_due() == 0
+        assert (await after.result(scheduled.id)).status == "failed"  # type: ignore[union-attr]
+        assert await after.dead_letters.replay() == []  # still cannot be sent: kept, not raised
+        assert len(await after.dead_letters.list()) == 1
     assert "no provider for channel 'sms'" in letter.error
     assert letter.recipient == "+14155550100"

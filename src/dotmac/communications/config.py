@@ -303,7 +303,7 @@ class WebhookSettings(_Section):
         False, description="Allow loopback/private-network targets (tests, internal hooks)."
     )
     max_connections: int = Field(
-        10, ge=1, le=1000, description="Concurrent webhook connections per provider."
+        10, ge=1, le=1000, description="Concurrent webhook requests per target host."
     )
 
 

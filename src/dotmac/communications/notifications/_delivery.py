@@ -131,7 +131,12 @@ class GuardedProvider:
                     1, retry_attrs
                 )
                 if self.retry.on_retry is not None:
-                    self.retry.on_retry(RetryAttempt(attempt, delay, exc, self.retry.name))
+                    try:
+                        self.retry.on_retry(RetryAttempt(attempt, delay, exc, self.retry.name))
+                    except Exception:
+                        # Deliberately broad: a host's hook must not lose this send, or the
+                        # results of the notification's other recipients.
+                        log.exception("notifications: the retry policy's on_retry hook failed")
                 log.info(
                     "notifications: %s attempt %d to %s failed (%s); retrying in %.2fs",
                     self.name, attempt, message.recipient, exc, delay,

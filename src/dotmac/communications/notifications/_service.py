@@ -312,7 +312,11 @@ class NotificationService:
 
     async def unsuppress(self, channel: str, recipient: str) -> bool:
         """Send to a suppressed recipient again (a token re-registered, a user sent START)."""
-        return await self.store.unsuppress(NotificationChannel(channel).value, recipient)
+        channel = NotificationChannel(channel).value
+        chain = [g for g in self._chains.get(channel, ()) if g.provider.handles(recipient)]
+        if chain:  # the form suppressions were recorded in (E.164, normalised address)
+            recipient = chain[0].provider.validate(recipient)
+        return await self.store.unsuppress(channel, recipient)
 
     async def cancel(self, notification_id: str) -> bool:
         """Cancel a scheduled notification not yet taken for sending; True if it was waiting."""
@@ -674,14 +678,18 @@ class NotificationService:
                 log.error(  # noqa: TRY400 -- bad input or configuration, not a bug
                     "notifications: scheduled %s cannot be sent: %s", notification.id, exc
                 )
+                deliveries = []
                 for recipient in notification.to:
                     message = OutboundMessage(
                         notification.id, notification.channel.value, recipient
                     )
-                    await self._fail(
+                    failed = await self._fail(
                         notification, message, f"{type(exc).__name__}: {exc}",
                         provider=None, attempts=0,
                     )  # fmt: skip
+                    deliveries.append(failed)
+                result = NotificationResult.of(notification.id, tuple(deliveries))
+                await self.store.save_result(result, self.history_ttl)
             await self.store.finish_scheduled(notification.id)
         return len(due)
 
@@ -745,7 +753,15 @@ class NotificationDeadLetters:
             notification = letter.notification.model_copy(
                 update={"to": (letter.recipient,), "send_at": None, "idempotency_key": None}
             )
-            messages = service._prepare(notification)
+            try:
+                messages = service._prepare(notification)
+            except (NotificationError, ConfigurationError) as exc:
+                # Still cannot be sent (its template or provider is gone): it stays a dead
+                # letter, and the other letters are replayed.
+                log.error(  # noqa: TRY400 -- expected while the cause is not fixed
+                    "notifications: dead letter %s cannot be replayed yet: %s", letter.id, exc
+                )
+                continue
             if not await service.store.remove_dead([letter.id]):
                 continue  # replayed meanwhile by someone else
             await service._record(notification.id, [service._entry("replayed", letter.recipient)])

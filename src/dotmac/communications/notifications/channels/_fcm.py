@@ -232,7 +232,7 @@ class FCMProvider(Provider):
 
     def handles(self, recipient: str) -> bool:
         """Serve device tokens, not Web Push subscriptions (JSON objects)."""
-        return not recipient.lstrip().startswith("{")
+        return not recipient.lstrip().startswith("{") and "://" not in recipient
 
     async def aclose(self) -> None:
         """Close the HTTP client (if this provider created it)."""

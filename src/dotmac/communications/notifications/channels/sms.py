@@ -202,6 +202,12 @@ class TwilioProvider(Provider):
         """
         return normalize_e164(recipient)
 
+    def check(self, message: OutboundMessage) -> None:
+        """Refuse a malformed ``sender`` number or an empty body before anything is sent."""
+        if message.sender:
+            normalize_e164(message.sender)
+        _needs_text(self.name, message)
+
     async def aclose(self) -> None:
         """Close the HTTP client (if this provider created it)."""
         await self._http.aclose()
@@ -342,6 +348,12 @@ class HttpSmsProvider(Provider):
             InvalidRecipientError: Not a valid international phone number.
         """
         return normalize_e164(recipient)
+
+    def check(self, message: OutboundMessage) -> None:
+        """Refuse a malformed ``sender`` number or an empty body before anything is sent."""
+        if message.sender:
+            normalize_e164(message.sender)
+        _needs_text(self.name, message)
 
     async def aclose(self) -> None:
         """Close the HTTP client (if this provider created it)."""
