@@ -416,3 +416,33 @@ async def test_scheduled_notification_that_can_no_longer_be_sent_is_dead_lettere
         assert len(await after.dead_letters.list()) == 1
     assert "no provider for channel 'sms'" in letter.error
     assert letter.recipient == "+14155550100"
+
+
+async def test_health_warns_while_every_provider_of_a_channel_is_open(clock: FakeClock) -> None:
+    rec = Recorder(*[DeliveryError("down")] * 50)
+    async with _svc(
+        clock, CallbackProvider("webhook", rec), retry=RetryPolicy(max_attempts=1)
+    ) as svc:
+        assert (await svc.health_check()).status == "pass"
+        for i in range(10):
+            await svc.send(_note(to=f"https://a.example/{i}"))
+        check = await svc.health_check()
+    assert check.status == "warn"
+    assert "webhook" in (check.output or "")
+
+
+async def test_health_fails_while_the_redis_store_is_away(redis_server_factory) -> None:
+    from dotmac.communications.notifications import RedisStore
+
+    server = redis_server_factory()
+    server.start()
+    async with NotificationService(
+        [CallbackProvider("webhook", Recorder())], store=RedisStore(url=server.url)
+    ) as svc:
+        assert (await svc.health_check()).status == "pass"
+        server.stop()
+        check = await svc.health_check()
+        assert check.status == "fail"
+        assert "notification store" in (check.output or "")
+        server.start()
+        assert (await svc.health_check()).status == "pass"

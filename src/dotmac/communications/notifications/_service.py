@@ -24,7 +24,7 @@ from dotmac.communications.errors import (
     RecipientOfflineError,
     RecipientUnregisteredError,
 )
-from dotmac.communications.observability import metrics, tracing
+from dotmac.communications.observability import CheckResult, metrics, tracing
 from dotmac.communications.resilience import (
     CircuitBreaker,
     CircuitBreakerOptions,
@@ -309,6 +309,29 @@ class NotificationService:
     async def result(self, notification_id: str) -> NotificationResult | None:
         """The last result of a notification, while its history is kept."""
         return await self.store.get_result(notification_id)
+
+    async def health_check(self) -> CheckResult:
+        """A :class:`~dotmac.communications.observability.HealthRegistry` check.
+
+        ``fail`` when the store does not answer; ``warn`` while a channel has no provider
+        whose circuit breaker is closed (its sends fail over or fail); else ``pass``.
+        """
+        try:
+            await self.store.ping()
+        except CommunicationsError as exc:
+            return CheckResult(
+                "fail", output=f"notification store: {exc}", component_type="datastore"
+            )
+        down = [
+            channel
+            for channel, chain in self._chains.items()
+            if chain and all(g.breaker.state == "open" for g in chain)
+        ]
+        if down:
+            return CheckResult(
+                "warn", output=f"every provider's breaker is open: {', '.join(down)}"
+            )
+        return CheckResult("pass", component_type="component")
 
     async def unsuppress(self, channel: str, recipient: str) -> bool:
         """Send to a suppressed recipient again (a token re-registered, a user sent START)."""
