@@ -87,3 +87,29 @@ async def events_usage(config: CommunicationsConfig) -> None:
         replayed: int = await bus.dead_letters.replay([d.id for d in letters])
         await bus.unsubscribe(sub)
         del sent, many, replayed
+
+
+async def notify(config: CommunicationsConfig) -> None:
+    from dotmac.communications.notifications import (
+        DeliveryStatus,
+        Notification,
+        NotificationResult,
+        NotificationService,
+        StatusEntry,
+    )
+    from dotmac.communications.notifications.channels.webhook import verify_signature
+
+    svc = NotificationService.from_config(config.notifications)
+    svc.templates.register("welcome", subject="Hi {{ name }}", text="Welcome, {{ name }}!")
+    async with svc:
+        result: NotificationResult = await svc.send(
+            Notification(channel="email", to="ann@example.com", template="welcome",
+                         context={"name": "Ann"}, idempotency_key="welcome-ann")
+        )  # fmt: skip
+        sent: bool = result.deliveries[0].status == DeliveryStatus.SENT
+        history: list[StatusEntry] = await svc.status(result.id)
+        many: list[NotificationResult] = await svc.send_many([], concurrency=5)
+        replayed: list[NotificationResult] = await svc.dead_letters.replay()
+        del sent, history, many, replayed
+    ok: bool = verify_signature(b"{}", "t=1,v1=00", "secret")
+    del ok

@@ -16,6 +16,7 @@ PACKAGES = [
     "dotmac.communications.testing",
     "dotmac.communications.events",
     "dotmac.communications.events.backends",
+    "dotmac.communications.notifications",
 ]
 
 
