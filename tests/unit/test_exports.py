@@ -17,6 +17,7 @@ PACKAGES = [
     "dotmac.communications.events",
     "dotmac.communications.events.backends",
     "dotmac.communications.notifications",
+    "dotmac.communications.websockets",
 ]
 
 

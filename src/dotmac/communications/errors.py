@@ -27,6 +27,11 @@ chained with ``raise ... from exc``, so callers never have to catch a vendor typ
     │   ├── UnknownBackendError         (also ConfigurationError) events.backend unusable
     │   └── PublishTimeoutError         transient           a full backend stayed full
     └── WebSocketError                                      gateway sub-root
+        ├── AuthenticationError                             handshake refused (HTTP 401/403)
+        │   └── MissingCredentialsError                     no token or session presented
+        ├── ProtocolError                                   the protocol layer was misused (a bug)
+        ├── InvalidChannelError         (also ValueError)   bad channel name at publish
+        └── MessageSerializationError   (also ValueError)   data is not JSON-serialisable
 
 **Transient vs permanent.** Each error carries ``transient``: ``True`` when the same call may
 succeed if tried again later (network blips, timeouts, 5xx, rate limits), ``False`` when it never
@@ -44,6 +49,7 @@ from __future__ import annotations
 import asyncio
 
 __all__ = [
+    "AuthenticationError",
     "BackendError",
     "BackendUnavailableError",
     "CircuitOpenError",
@@ -54,12 +60,16 @@ __all__ = [
     "EventError",
     "EventSerializationError",
     "EventTooLargeError",
+    "InvalidChannelError",
     "InvalidPatternError",
     "InvalidRecipientError",
     "InvalidTopicError",
+    "MessageSerializationError",
+    "MissingCredentialsError",
     "NotificationError",
     "OperationTimeoutError",
     "PermanentDeliveryError",
+    "ProtocolError",
     "PublishTimeoutError",
     "RateLimitedError",
     "RecipientOfflineError",
@@ -207,6 +217,53 @@ class PublishTimeoutError(EventError):
 
 class WebSocketError(CommunicationsError):
     """Root of WebSocket gateway errors."""
+
+
+class AuthenticationError(WebSocketError):
+    """A WebSocket handshake was refused before the upgrade.
+
+    ``status`` is the HTTP status the gateway answers with: 401 for a missing, expired or invalid
+    credential, 403 for a refused ``Origin``. The message is for logs; it never contains the token.
+
+    Args:
+        message: Why the handshake was refused.
+        status: HTTP status for the refusal, 400 to 499.
+    """
+
+    def __init__(self, message: str = "", *, status: int = 401) -> None:
+        if not 400 <= status <= 499:
+            raise ValueError(f"status must be an HTTP 4xx code, got {status!r}")
+        super().__init__(message)
+        self.status = status
+
+
+class MissingCredentialsError(AuthenticationError):
+    """The handshake carried no credential at all (no token, no session cookie).
+
+    A chain of authenticators tries the next one only on this error; a credential that is
+    present but invalid stops the chain.
+    """
+
+
+class ProtocolError(WebSocketError):
+    """The sans-I/O protocol layer was misused: a bug in the caller, never a client's doing.
+
+    Examples: confirming a subscribe that was never requested, a non-finite clock reading, or
+    an identity whose ids cannot name a channel. Bad client frames never raise; they are
+    answered with error frames.
+    """
+
+
+class InvalidChannelError(WebSocketError, ValueError):
+    """A channel name is malformed.
+
+    Empty, longer than 200 characters, or with whitespace, an unprintable character or an empty
+    ``:``-separated segment.
+    """
+
+
+class MessageSerializationError(WebSocketError, ValueError):
+    """Data to send to WebSocket clients cannot be serialised to JSON."""
 
 
 def is_transient(exc: BaseException) -> bool:
