@@ -378,6 +378,30 @@ class WebSocketsSettings(_Section):
     send_buffer_limit: int = Field(
         1_048_576, ge=1024, description="Bytes buffered per slow client before it is disconnected."
     )
+    allow_anonymous: bool = Field(
+        False, description="Accept connections without credentials (anonymous identity)."
+    )
+    jwt_issuer: str | None = Field(None, description="Required JWT issuer (unset: none).")
+    jwt_leeway: float = Field(30.0, ge=0, description="Clock skew allowed on JWT times, seconds.")
+    session_cookie: str = Field("session", min_length=1, description="Session cookie name.")
+    session_prefix: str = Field(
+        "session:", description="Redis key prefix of sessions (session store auth)."
+    )
+    max_connections_per_tenant: int | None = Field(
+        None, ge=1, description="Connections accepted per tenant (unset: no per-tenant limit)."
+    )
+    max_subscriptions: int = Field(100, ge=1, description="Channels one connection may join.")
+    message_rate: float = Field(10.0, gt=0, description="Client frames per second, sustained.")
+    message_burst: int = Field(50, ge=1, description="Client frames allowed in a burst.")
+    idle_timeout: PositiveSeconds | None = Field(
+        None, description="Close connections silent for this long, seconds (unset: never)."
+    )
+    compression: bool = Field(
+        False, description="permessage-deflate (costs ~3x memory per connection and CPU)."
+    )
+    drain_timeout: PositiveSeconds = Field(
+        10.0, description="Seconds stop() waits for clients to close (1001) before dropping them."
+    )
     redis_url: SecretURL | None = Field(
         None, description="Redis URL for cross-process fan-out; defaults to redis_url."
     )
