@@ -18,6 +18,7 @@ PACKAGES = [
     "dotmac.communications.events.backends",
     "dotmac.communications.notifications",
     "dotmac.communications.websockets",
+    "dotmac.communications.websockets.backends",
 ]
 
 

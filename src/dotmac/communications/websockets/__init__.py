@@ -1,8 +1,9 @@
-"""The WebSocket gateway (in progress): handshake authentication and the wire protocol.
+"""The WebSocket gateway: authenticated connections, channels and fan-out in one process.
 
-The gateway server itself (``WebSocketGateway``) is not built yet; what is here is used by it and
-is public already: authenticators that turn a handshake into an :class:`Identity` (or refuse it
-with HTTP 401/403), and the sans-I/O protocol documented in ``docs/protocol.md``.
+``WebSocketGateway`` serves the JSON protocol of ``docs/protocol.md`` with ``websockets``:
+authenticators turn a handshake into an :class:`Identity` (or refuse it with HTTP 401/403),
+the same port answers ``/health`` and ``/metrics``. Fan-out across processes (``RedisBackend``),
+presence and history come with the next release; ``dotmac-comms serve`` and the ASGI adapter too.
 """
 
 from __future__ import annotations
@@ -20,16 +21,34 @@ from ._auth import (
     token_expiry_delay,
     validate_allowed_origins,
 )
+from ._connection import (
+    AuthorizeAction,
+    Authorizer,
+    ConnectionHook,
+    GatewayConnection,
+    MessageHandler,
+)
+from ._gateway import WebSocketGateway
+from .backends import BROADCAST_CHANNEL, GatewayBackend, MemoryBackend
 
 __all__ = [
+    "BROADCAST_CHANNEL",
     "AnonymousAuthenticator",
     "Authenticator",
+    "AuthorizeAction",
+    "Authorizer",
     "ChainAuthenticator",
+    "ConnectionHook",
+    "GatewayBackend",
+    "GatewayConnection",
     "HandshakeRequest",
     "Identity",
     "JWTAuthenticator",
+    "MemoryBackend",
+    "MessageHandler",
     "SessionAuthenticator",
     "SessionResolver",
+    "WebSocketGateway",
     "check_origin",
     "token_expiry_delay",
     "validate_allowed_origins",

@@ -1,0 +1,623 @@
+"""The WebSocket gateway server: handshake, connections, channels and fan-out on one port.
+
+:class:`WebSocketGateway` serves with ``websockets``' asyncio server. The handshake is checked in
+its ``process_request`` hook (origin, credentials, connection limits) and refused with an HTTP
+status before any upgrade; the same hook answers ``GET /health`` and ``GET /metrics``. Each open
+connection runs the sans-I/O protocol through :class:`GatewayConnection`; the :class:`Hub` fans
+messages out to local subscribers, the backend carries them to other processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import itertools
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, KeysView, Sequence
+from typing import Any, Self, cast
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from dotmac.communications._clock import Clock, system_clock
+from dotmac.communications.config import WebSocketsSettings
+from dotmac.communications.errors import (
+    AuthenticationError,
+    BackendError,
+    ConfigurationError,
+    InvalidChannelError,
+    OperationTimeoutError,
+    ProtocolError,
+    WebSocketError,
+)
+from dotmac.communications.observability import (
+    HEALTH_CONTENT_TYPE,
+    PROMETHEUS_CONTENT_TYPE,
+    CheckResult,
+    HealthRegistry,
+    metrics,
+    tracing,
+)
+
+from ._auth import (
+    AnonymousAuthenticator,
+    Authenticator,
+    ChainAuthenticator,
+    HandshakeRequest,
+    Identity,
+    JWTAuthenticator,
+    check_origin,
+    validate_allowed_origins,
+)
+from ._connection import (
+    AuthorizeAction,
+    Authorizer,
+    ConnectionHook,
+    GatewayConnection,
+    MessageHandler,
+    _AppProtocol,
+    _ServerConnection,
+)
+from ._hub import Hub
+from ._protocol import (
+    CLIENT_FRAME_TYPES,
+    encode_message,
+    tenant_channel,
+    user_channel,
+    validate_channel,
+)
+from .backends.base import BROADCAST_CHANNEL, GatewayBackend
+from .backends.memory import MemoryBackend
+
+__all__ = [
+    "AuthorizeAction",
+    "Authorizer",
+    "ConnectionHook",
+    "MessageHandler",
+    "WebSocketGateway",
+]
+
+log = logging.getLogger("dotmac.communications.websockets")
+
+_DRAIN_BATCH = 500  # connections whose close starts in one event-loop turn during stop()
+_STOP_GRACE = 2.0  # seconds stop() gives handlers (on_disconnect hooks) after the drain
+_CONNECTIONS = "dotmac.websockets.connections"
+_OPENED = "dotmac.websockets.connections.opened"
+_REFUSED = "dotmac.websockets.handshakes.refused"
+_RECEIVED = "dotmac.websockets.messages.received"
+_SENT = "dotmac.websockets.messages.sent"
+_SLOW = "dotmac.websockets.slow_consumers"
+
+
+class WebSocketGateway:
+    """A WebSocket server with handshake auth, channels, fan-out, limits, health and metrics.
+
+    Clients connect to ``settings.path`` and speak the protocol of ``docs/protocol.md``; the same
+    port answers ``GET /health`` (``application/health+json``, 200 or 503) and ``GET /metrics``
+    (Prometheus text). Handshakes are refused before the upgrade: 401 for a missing or invalid
+    credential, 403 for an ``Origin`` not in ``allowed_origins``, 503 over ``max_connections``
+    (or ``max_connections_per_tenant``), while draining, or when the session store is down.
+
+    Every connection of a user is subscribed to ``user:{id}`` and, with a tenant, to
+    ``tenant:{id}``; those and ``tenant:{id}:…`` follow built-in rules; other channels go through
+    ``authorizer`` (none: clients may subscribe anywhere and publish nowhere). Fan-out encodes a
+    message once and writes it with ``websockets``' synchronous broadcast; a connection holding
+    more than ``send_buffer_limit`` unsent bytes is closed with 1008 and counted in
+    ``dotmac.websockets.slow_consumers``, without slowing the others.
+
+    Args:
+        settings: The ``websockets`` section of the configuration.
+        authenticator: Turns a handshake into an identity. ``None``: built from ``settings``, a
+            :class:`JWTAuthenticator` from ``jwt_secret`` (with ``jwt_algorithms``,
+            ``jwt_audience``, ``jwt_issuer`` and ``jwt_leeway``), falling back to anonymous
+            when ``allow_anonymous`` (a bad token is still refused).
+        authorizer: ``async (identity, "subscribe" | "publish", channel) -> bool`` for channels
+            outside the built-in rules.
+        backend: Carries messages to other processes; :class:`MemoryBackend` by default.
+        health: Registry served at ``/health``; the gateway adds ``gateway:serving`` and
+            ``gateway:backend`` to it. A new one by default.
+        clock: Time source for token expiry and the message rate limit.
+
+    Raises:
+        ConfigurationError: ``authenticator`` is ``None`` and ``settings`` has neither
+            ``jwt_secret`` nor ``allow_anonymous``; ``allowed_origins`` is malformed; the JWT
+            key is unusable.
+    """
+
+    def __init__(
+        self,
+        settings: WebSocketsSettings,
+        authenticator: Authenticator | None = None,
+        authorizer: Authorizer | None = None,
+        backend: GatewayBackend | None = None,
+        *,
+        health: HealthRegistry | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        validate_allowed_origins(settings.allowed_origins)
+        self.settings = settings
+        self.clock = clock
+        self.authenticator = (
+            authenticator if authenticator is not None else _authenticator(settings, clock)
+        )
+        self.authorizer = authorizer
+        self.backend = backend if backend is not None else MemoryBackend()
+        self.health = health if health is not None else HealthRegistry()
+        self.health.register("gateway:serving", self._check_serving, component_type="system")
+        self.health.register("gateway:backend", self.backend.check, component_type="component")
+        self._hub = Hub(self.backend, settings.send_buffer_limit, self._on_slow)
+        self._server: Server | None = None
+        self._draining = False
+        self._connections: dict[GatewayConnection, None] = {}
+        self._reserved = 0  # admitted handshakes and open connections: slots in use
+        self._per_tenant: dict[str, int] = {}
+        self._handlers: dict[str, MessageHandler] = {}
+        self._connect_hooks: list[ConnectionHook] = []
+        self._disconnect_hooks: list[ConnectionHook] = []
+        self._closing_tasks: set[asyncio.Task[None]] = set()
+        self._connection_ids = itertools.count(1)
+        self._message_ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(4) + "-"  # message ids unique across processes
+        self._open = metrics.up_down_counter(_CONNECTIONS, unit="{connection}").bind()
+        self._opened = metrics.counter(_OPENED, unit="{connection}").bind()
+        self._received = metrics.counter(_RECEIVED, unit="{message}").bind()
+        self._sent = metrics.counter(_SENT, unit="{message}").bind()
+        self._slow = metrics.counter(_SLOW, unit="{connection}").bind()
+
+    @classmethod
+    def from_config(cls, settings: WebSocketsSettings, **kwargs: Any) -> Self:
+        """Build a gateway from ``CommunicationsConfig().websockets``.
+
+        The authenticator comes from ``jwt_secret`` / ``allow_anonymous`` as in the constructor.
+        The backend is the :class:`MemoryBackend` (one process); ``redis_url`` is not used yet.
+
+        Args:
+            settings: The ``websockets`` section.
+            **kwargs: Further constructor arguments (``authorizer``, ``health``, ``clock``...).
+
+        Raises:
+            ConfigurationError: As for the constructor.
+        """
+        return cls(settings, **kwargs)
+
+    @property
+    def accepts_anonymous(self) -> bool:
+        """Whether clients without a credential are admitted (an anonymous authenticator)."""
+        authenticator = self.authenticator
+        if isinstance(authenticator, ChainAuthenticator):
+            return any(isinstance(a, AnonymousAuthenticator) for a in authenticator.authenticators)
+        return isinstance(authenticator, AnonymousAuthenticator)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port the gateway listens on (the one picked when started with port 0).
+
+        Raises:
+            WebSocketError: The gateway is not started.
+        """
+        if self._server is None:
+            raise WebSocketError("the gateway is not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self, host: str | None = None, port: int | None = None) -> None:
+        """Start the backend and listen; returns once the port is bound.
+
+        Args:
+            host: Address to listen on; ``settings.host`` by default.
+            port: Port; ``settings.port`` by default; 0 picks a free one (see :attr:`port`).
+
+        Raises:
+            WebSocketError: Already started, or the address cannot be bound.
+            BackendUnavailableError: The backend cannot be reached.
+        """
+        if self._server is not None or self._draining:
+            raise WebSocketError("the gateway was already started; create a new one")
+        settings = self.settings
+        host = settings.host if host is None else host
+        port = settings.port if port is None else port
+        await self.backend.start(self._hub.deliver)
+        try:
+            await self.backend.subscribe_channel(BROADCAST_CHANNEL)
+            self._server = await serve(
+                self._handler,
+                host,
+                port,
+                process_request=self._process_request,
+                select_subprotocol=_select_subprotocol,
+                compression="deflate" if settings.compression else None,
+                max_size=settings.max_message_size,
+                ping_interval=settings.ping_interval,
+                ping_timeout=settings.ping_timeout,
+                # The close handshake waits for the peer as a ping does.
+                close_timeout=settings.ping_timeout,
+                create_connection=_ServerConnection,
+            )
+        except OSError as exc:
+            await self.backend.close()
+            raise WebSocketError(f"the gateway cannot listen on {host}:{port}: {exc}") from exc
+        except BaseException:
+            await self.backend.close()
+            raise
+        if self.accepts_anonymous:
+            log.warning("gateway accepts anonymous clients: development mode, not for production")
+        log.info("gateway listening on %s:%d%s", host, self.port, settings.path)
+
+    async def stop(self) -> None:
+        """Drain and stop: refuse new handshakes, close clients with 1001, stop the backend.
+
+        Connections are closed in batches; those not closed within ``drain_timeout`` are
+        dropped. Idempotent; a stopped gateway cannot be started again.
+        """
+        server = self._server
+        if server is None or self._draining:
+            return
+        self._draining = True
+        server.close(close_connections=False)  # stop listening; handshakes under way get 503
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        await self._drain(deadline)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time()) + _STOP_GRACE):
+                await server.wait_closed()
+        except TimeoutError:
+            log.warning("gateway stop: connection handlers still running; cancelling them")
+            for task in list(server.handler_tasks):
+                task.cancel()
+            await server.wait_closed()
+        await self.backend.close()
+        log.info("gateway stopped")
+
+    async def _drain(self, deadline: float) -> None:
+        connections = list(self._connections)
+        closing: dict[asyncio.Task[None], GatewayConnection] = {}
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(connections), _DRAIN_BATCH):
+            for connection in connections[start : start + _DRAIN_BATCH]:
+                task = loop.create_task(connection.close(CloseCode.GOING_AWAY, "server stopping"))
+                closing[task] = connection
+            await asyncio.sleep(0)  # let this batch write its close frames before the next
+        if not closing:
+            return
+        _, pending = await asyncio.wait(closing, timeout=max(0.0, deadline - loop.time()))
+        for task in pending:
+            closing[task]._ws.transport.abort()
+        if pending:
+            log.warning("gateway stop: %d connection(s) dropped after drain_timeout", len(pending))
+            await asyncio.wait(pending)
+
+    @contextlib.asynccontextmanager
+    async def serve(self, host: str | None = None, port: int | None = None) -> AsyncIterator[Self]:
+        """Run the gateway for the duration of an ``async with`` block (:meth:`start`/:meth:`stop`).
+
+        Raises:
+            WebSocketError: As for :meth:`start`.
+        """
+        await self.start(host, port)
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    # -- server API ------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> KeysView[GatewayConnection]:
+        """The open connections of this process (a live, read-only view)."""
+        return self._connections.keys()
+
+    def is_online(self, user_id: str) -> bool:
+        """Whether ``user_id`` has an open connection to this process."""
+        try:
+            channel = user_channel(user_id)
+        except InvalidChannelError:
+            return False
+        return self._hub.has_subscribers(channel)
+
+    async def publish(
+        self, channel: str, data: Any, *, exclude: GatewayConnection | None = None
+    ) -> int:
+        """Send ``data`` as a ``message`` on ``channel`` to every subscriber.
+
+        The frame is encoded once, written to local subscribers at once (without waiting for
+        any of them) and handed to the backend for other processes.
+
+        Args:
+            channel: The channel; ``"broadcast"`` reaches every connection.
+            data: Any JSON-serialisable value.
+            exclude: A connection that must not receive it (the sender of a relayed message).
+
+        Returns:
+            How many local connections it was written to.
+
+        Raises:
+            InvalidChannelError: ``channel`` is malformed.
+            MessageSerializationError: ``data`` cannot be serialised to JSON.
+            BackendUnavailableError: The backend could not carry it to other processes (local
+                subscribers already have it).
+        """
+        validate_channel(channel)
+        frame = encode_message(channel, data, f"{self._id_prefix}{next(self._message_ids):x}")
+        if not tracing.is_active():
+            return await self._fan_out(channel, frame, exclude)
+        with tracing.span(
+            "websocket.publish",
+            {"messaging.destination.name": channel, "messaging.system": self.backend.name},
+        ) as span:
+            delivered = await self._fan_out(channel, frame, exclude)
+            span.set_attribute("dotmac.websocket.deliveries", delivered)
+            return delivered
+
+    async def _fan_out(self, channel: str, frame: bytes, exclude: GatewayConnection | None) -> int:
+        delivered = self._hub.deliver(channel, frame, None if exclude is None else exclude._ws)
+        if delivered:
+            self._sent.add(delivered)
+        await self.backend.publish(channel, frame)
+        return delivered
+
+    async def send_to_user(self, user_id: str, data: Any) -> int:
+        """Publish ``data`` on ``user:{user_id}``: every connection of that user.
+
+        Returns:
+            Local deliveries.
+
+        Raises:
+            InvalidChannelError: ``user_id`` cannot name a channel (empty, has ``:``...).
+            MessageSerializationError: ``data`` cannot be serialised to JSON.
+        """
+        return await self.publish(user_channel(user_id), data)
+
+    async def send_to_tenant(self, tenant_id: str, data: Any) -> int:
+        """Publish ``data`` on ``tenant:{tenant_id}``: every connection inside that tenant.
+
+        Returns:
+            Local deliveries.
+
+        Raises:
+            InvalidChannelError: ``tenant_id`` cannot name a channel.
+            MessageSerializationError: ``data`` cannot be serialised to JSON.
+        """
+        return await self.publish(tenant_channel(tenant_id), data)
+
+    async def broadcast(self, data: Any) -> int:
+        """Send ``data`` to every connection, as a ``message`` on channel ``"broadcast"``.
+
+        Returns:
+            Local deliveries.
+
+        Raises:
+            MessageSerializationError: ``data`` cannot be serialised to JSON.
+        """
+        return await self.publish(BROADCAST_CHANNEL, data)
+
+    # -- application hooks -----------------------------------------------------------------
+
+    def on_message(self, type: str) -> Callable[[MessageHandler], MessageHandler]:
+        """Register the handler of client frames of an application ``type`` (a decorator).
+
+        The frame passes the size, rate-limit and JSON checks first; the handler gets the
+        connection and the decoded frame and may answer with :meth:`GatewayConnection.send`. An
+        exception in it is logged and answered with an ``internal_error`` frame.
+
+        Raises:
+            ConfigurationError: ``type`` is empty, a protocol type, or already has a handler.
+        """
+        if not type or type in CLIENT_FRAME_TYPES or type in self._handlers:
+            raise ConfigurationError(
+                f"on_message: {type!r} is empty, a protocol frame type or already handled"
+            )
+
+        def register(handler: MessageHandler) -> MessageHandler:
+            self._handlers[type] = handler
+            return handler
+
+        return register
+
+    def on_connect(self, hook: ConnectionHook) -> ConnectionHook:
+        """Run ``hook`` for each connection once it is open and subscribed to its own channels.
+
+        An exception in it is logged and closes the connection with 1011 (a decorator).
+        """
+        self._connect_hooks.append(hook)
+        return hook
+
+    def on_disconnect(self, hook: ConnectionHook) -> ConnectionHook:
+        """Run ``hook`` for each connection after it closed (a decorator); errors are logged."""
+        self._disconnect_hooks.append(hook)
+        return hook
+
+    # -- handshake -------------------------------------------------------------------------
+
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path != self.settings.path:
+            return await self._http_endpoint(ws, path)
+        if self._draining:
+            return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining")
+        identity = await self._authenticate(ws, request)
+        if isinstance(identity, Response):
+            return identity
+        return self._admit(cast("_ServerConnection", ws), identity)
+
+    async def _http_endpoint(self, ws: ServerConnection, path: str) -> Response:
+        if path == "/health":
+            report = await self.health.check()
+            return _respond(ws, report.http_status, report.to_json(), HEALTH_CONTENT_TYPE)
+        if path == "/metrics":
+            return _respond(ws, 200, metrics.render_prometheus(), PROMETHEUS_CONTENT_TYPE)
+        return self._refuse(ws, http.HTTPStatus.NOT_FOUND, "not_found")
+
+    async def _authenticate(self, ws: ServerConnection, request: Request) -> Identity | Response:
+        """Check the origin and the credential: the identity, or the refusal to answer with."""
+        handshake = HandshakeRequest.from_path_and_headers(
+            request.path, request.headers, ws.remote_address
+        )
+        try:
+            check_origin(handshake, self.settings.allowed_origins)
+            return await self.authenticator.authenticate(handshake)
+        except AuthenticationError as exc:
+            log.debug("handshake from %s refused: %s", ws.remote_address, exc)
+            if exc.status == http.HTTPStatus.FORBIDDEN:
+                return self._refuse(ws, exc.status, "origin")
+            response = self._refuse(ws, exc.status, "unauthorized")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        except (BackendError, OperationTimeoutError) as exc:
+            log.warning("handshake from %s: authentication unavailable: %s", ws.remote_address, exc)
+            return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable")
+
+    def _admit(self, ws: _ServerConnection, identity: Identity) -> Response | None:
+        settings = self.settings
+        if self._draining:
+            return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining")
+        if self._reserved >= settings.max_connections:
+            return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "capacity")
+        tenant = identity.tenant_id
+        per_tenant = settings.max_connections_per_tenant
+        if (
+            tenant is not None
+            and per_tenant is not None
+            and self._per_tenant.get(tenant, 0) >= per_tenant
+        ):
+            return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "tenant_capacity")
+        try:
+            protocol = _AppProtocol(
+                identity.user_id,
+                identity.tenant_id,
+                app_types=self._handlers,
+                max_subscriptions=settings.max_subscriptions,
+                max_message_size=settings.max_message_size,
+                rate=settings.message_rate,
+                burst=settings.message_burst,
+            )
+        except ProtocolError as exc:  # an id with ':' cannot name its user/tenant channel
+            log.warning("handshake from %s refused: %s", ws.remote_address, exc)
+            return self._refuse(ws, http.HTTPStatus.UNAUTHORIZED, "unauthorized")
+        self._reserved += 1
+        if tenant is not None:
+            self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
+        ws.gateway_connection = GatewayConnection(
+            next(self._connection_ids), identity, ws, protocol
+        )
+        ws.gateway = self  # releases the slot when the TCP connection is lost
+        return None
+
+    def _release(self, tenant: str | None) -> None:
+        self._reserved -= 1
+        if tenant is not None:
+            left = self._per_tenant[tenant] - 1
+            if left:
+                self._per_tenant[tenant] = left
+            else:
+                del self._per_tenant[tenant]
+
+    def _refuse(self, ws: ServerConnection, status: int, reason: str) -> Response:
+        metrics.counter(_REFUSED, unit="{handshake}").add(1, {"reason": reason})
+        phrase = http.HTTPStatus(status).phrase
+        return ws.respond(status, f"{phrase}\n")
+
+    # -- connections -----------------------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        connection = cast("_ServerConnection", ws).gateway_connection
+        if connection is None:  # pragma: no cover - _process_request admits every upgrade
+            return
+        if self._draining:
+            await connection.close(CloseCode.GOING_AWAY, "server stopping")
+            return
+        self._connections[connection] = None
+        self._hub.add(ws)
+        self._open.add(1)
+        self._opened.add()
+        try:
+            await connection._serve(self)
+        finally:
+            self._hub.remove(ws)
+            del self._connections[connection]
+            self._open.add(-1)
+            for channel in connection.subscriptions:
+                await self._hub.detach(channel, ws)
+            for hook in self._disconnect_hooks:
+                try:
+                    await hook(connection)
+                # Host code: its failure must not skip the other hooks or the cleanup.
+                except Exception:
+                    log.exception("on_disconnect hook failed for connection %s", connection.id)
+
+    def _on_slow(self, ws: ServerConnection) -> None:
+        connection = cast("_ServerConnection", ws).gateway_connection
+        if connection is not None and not connection._closing:
+            self._slow.add()
+            log.info("connection %s closed: its send buffer is over the limit", connection.id)
+            self._close_soon(
+                connection, CloseCode.POLICY_VIOLATION, "slow consumer: send buffer full"
+            )
+
+    def _close_soon(self, connection: GatewayConnection, code: int, reason: str) -> None:
+        """Start closing ``connection`` in a task (from synchronous code: fan-out, timers)."""
+        if connection._closing:
+            return
+        connection._closing = True  # skipped by fan-out from now on, closed once
+        task = asyncio.get_running_loop().create_task(connection.close(code, reason))
+        self._closing_tasks.add(task)
+        task.add_done_callback(self._closing_tasks.discard)
+
+    async def _check_serving(self) -> CheckResult:
+        if self._server is None or self._draining:
+            state = "draining" if self._draining else "not started"
+            return CheckResult("fail", f"gateway {state}", component_type="system")
+        count = len(self._connections)
+        at_capacity = self._reserved >= self.settings.max_connections
+        return CheckResult(
+            "warn" if at_capacity else "pass",
+            "at max_connections: new handshakes get 503" if at_capacity else None,
+            observed_value=count,
+            observed_unit="connections",
+            component_type="system",
+        )
+
+
+def _authenticator(settings: WebSocketsSettings, clock: Clock) -> Authenticator:
+    jwt_auth = None
+    if settings.jwt_secret is not None:
+        jwt_auth = JWTAuthenticator(
+            settings.jwt_secret.get_secret_value(),
+            algorithms=settings.jwt_algorithms,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway=settings.jwt_leeway,
+            clock=clock,
+        )
+    if settings.allow_anonymous:
+        anonymous = AnonymousAuthenticator()
+        return anonymous if jwt_auth is None else ChainAuthenticator(jwt_auth, anonymous)
+    if jwt_auth is None:
+        raise ConfigurationError(
+            "websockets: set jwt_secret (DOTMAC_WEBSOCKETS__JWT_SECRET) to authenticate clients, "
+            "or allow_anonymous (DOTMAC_WEBSOCKETS__ALLOW_ANONYMOUS=true) to accept anonymous "
+            "ones (development only), or pass an authenticator"
+        )
+    return jwt_auth
+
+
+def _select_subprotocol(ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Echo the subprotocol the identity requires (the ``bearer`` marker of a browser token)."""
+    connection = cast("_ServerConnection", ws).gateway_connection
+    wanted = None if connection is None else connection.identity.subprotocol
+    if wanted is not None and wanted in offered:
+        return Subprotocol(wanted)
+    return None
+
+
+def _respond(ws: ServerConnection, status: int, body: str, content_type: str) -> Response:
+    response = ws.respond(status, body)
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = content_type
+    response.headers["Cache-Control"] = "no-store"
+    return response

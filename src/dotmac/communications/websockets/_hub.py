@@ -1,0 +1,168 @@
+"""The gateway's index of local subscribers and its fan-out.
+
+:class:`Hub` maps each channel to the set of local connections subscribed to it and writes one
+encoded frame to all of them with ``websockets``' synchronous :func:`~websockets.asyncio.server.
+broadcast`. Before each write it checks the connection's byte budget: a connection whose transport
+write buffer already holds more than ``send_buffer_limit`` bytes (the client stopped reading) is
+skipped and handed to ``on_slow``, which closes it, so no connection ever buffers more than its
+budget plus one message and fast connections never wait for a slow one.
+
+The hub also tells the backend which channels have local subscribers (first in, last out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.protocol import State
+
+from dotmac.communications.errors import BackendUnavailableError, CommunicationsError
+
+from .backends.base import BROADCAST_CHANNEL, GatewayBackend
+
+__all__ = ["Hub"]
+
+log = logging.getLogger("dotmac.communications.websockets")
+
+_OPEN = State.OPEN
+
+
+class Hub:
+    """Local channel subscriptions and fan-out.
+
+    Args:
+        backend: Told when a channel gains its first or loses its last local subscriber.
+        send_buffer_limit: Bytes a connection may have buffered before a write; over it the
+            connection is skipped and reported to ``on_slow``.
+        on_slow: Called (synchronously) with each connection found over its budget; it must not
+            change the hub.
+    """
+
+    __slots__ = ("_all", "_backend", "_channels", "_joining", "_limit", "_on_slow")
+
+    def __init__(
+        self,
+        backend: GatewayBackend,
+        send_buffer_limit: int,
+        on_slow: Callable[[ServerConnection], None],
+    ) -> None:
+        self._backend = backend
+        self._limit = send_buffer_limit
+        self._on_slow = on_slow
+        self._all: set[ServerConnection] = set()
+        self._channels: dict[str, set[ServerConnection]] = {}
+        # Channels whose backend subscribe is in flight -> the error it ended with, or None. Later
+        # subscribers wait for it: a confirmed subscriber must miss nothing published elsewhere.
+        self._joining: dict[str, asyncio.Future[BaseException | None]] = {}
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """Channels with at least one local subscriber."""
+        return frozenset(self._channels)
+
+    def has_subscribers(self, channel: str) -> bool:
+        """Whether any local connection is subscribed to ``channel``."""
+        return bool(self._channels.get(channel))
+
+    def subscriber_count(self, channel: str) -> int:
+        """Local connections subscribed to ``channel``."""
+        return len(self._channels.get(channel, ()))
+
+    def add(self, ws: ServerConnection) -> None:
+        """Register an open connection (it receives broadcasts from now on)."""
+        self._all.add(ws)
+
+    def remove(self, ws: ServerConnection) -> None:
+        """Forget a connection for broadcasts (detach its channels separately)."""
+        self._all.discard(ws)
+
+    async def attach(self, channel: str, ws: ServerConnection) -> None:
+        """Subscribe ``ws`` to ``channel``; the first local subscriber subscribes the backend.
+
+        Raises:
+            BackendUnavailableError: The backend could not subscribe the channel; ``ws`` is not
+                subscribed.
+        """
+        members = self._channels.get(channel)
+        if members is not None:
+            members.add(ws)
+            joining = self._joining.get(channel)
+            if joining is None:
+                return
+            joined = await asyncio.shield(joining)
+            if joined is not None:
+                raise BackendUnavailableError(
+                    f"backend could not subscribe channel {channel!r}: {joined}"
+                ) from joined
+            return
+        members = self._channels[channel] = {ws}
+        joining = asyncio.get_running_loop().create_future()
+        self._joining[channel] = joining
+        failure: BaseException | None = None
+        try:
+            await self._backend.subscribe_channel(channel)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            del self._joining[channel]
+            joining.set_result(failure)
+            if failure is not None and self._channels.get(channel) is members:
+                # Everyone who joined meanwhile is told by the future; nobody stays subscribed.
+                del self._channels[channel]
+        if not members:  # every subscriber left while the backend was subscribing
+            await self._leave(channel, members)
+
+    async def detach(self, channel: str, ws: ServerConnection) -> None:
+        """Unsubscribe ``ws`` from ``channel``; the last one out unsubscribes the backend.
+
+        A backend failure is logged, not raised: the process then merely receives frames for a
+        channel nobody here reads, which the hub drops.
+        """
+        members = self._channels.get(channel)
+        if members is None or ws not in members:
+            return
+        members.discard(ws)
+        if not members and channel not in self._joining:
+            await self._leave(channel, members)
+
+    async def _leave(self, channel: str, members: set[ServerConnection]) -> None:
+        if self._channels.get(channel) is members:
+            del self._channels[channel]
+        try:
+            await self._backend.unsubscribe_channel(channel)
+        except CommunicationsError as exc:
+            log.warning("backend could not unsubscribe channel %r: %s", channel, exc)
+
+    def deliver(self, channel: str, frame: bytes, exclude: ServerConnection | None = None) -> int:
+        """Write ``frame`` (UTF-8 JSON text) once to every open local subscriber of ``channel``.
+
+        Connections over their byte budget are skipped and reported to ``on_slow``. Every
+        connection receives :data:`BROADCAST_CHANNEL`.
+
+        Args:
+            channel: The channel.
+            frame: The encoded ``message`` frame.
+            exclude: A connection not to write to.
+
+        Returns:
+            How many connections the frame was written to.
+        """
+        members = self._all if channel == BROADCAST_CHANNEL else self._channels.get(channel)
+        if not members:
+            return 0
+        limit = self._limit
+        targets: list[ServerConnection] = []
+        for ws in members:
+            if ws.protocol.state is not _OPEN or ws is exclude:
+                continue
+            if ws.transport.get_write_buffer_size() > limit:
+                self._on_slow(ws)
+                continue
+            targets.append(ws)
+        if targets:
+            broadcast(targets, frame, text=True)
+        return len(targets)
