@@ -94,7 +94,7 @@ class MemoryStore(NotificationStore):
         clock: Clock | None = None,
         max_dead_letters: int = 10_000,
         max_history: int = 1_000,
-        max_results: int = 100_000,
+        max_results: int = 10_000,
         max_scheduled: int = 100_000,
         max_suppressed: int = 100_000,
     ) -> None:
@@ -136,10 +136,13 @@ class MemoryStore(NotificationStore):
     ) -> None:
         table.pop(key, None)  # re-inserting moves the key to the young end
         if len(table) >= self.max_results:
+            # Oldest first; entries of one table share their TTL, so the expired ones are at
+            # the old end: drop those, then the oldest live ones, never scanning the table.
             now = self._clock.monotonic()
-            for stale in [k for k, (_, expires) in table.items() if expires <= now]:
-                del table[stale]
-            while len(table) >= self.max_results:
+            while table:
+                _, (_, expires) = next(iter(table.items()))
+                if expires > now and len(table) < self.max_results:
+                    break
                 table.popitem(last=False)
         table[key] = (value, self._clock.monotonic() + ttl)
 

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import ipaddress
 import socket
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping
 from importlib import metadata
 from typing import Any
@@ -69,6 +70,17 @@ def describe_url(url: str) -> str:
     return repr(str(parsed.copy_with(userinfo=b"", query=None, fragment=None)))
 
 
+_MAX_HOST_POOLS = 64
+"""Connection pools (one per target host) kept open per provider."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(url: str) -> httpx.URL:
+    # Cached: one send checks its URL in validate(), again before connecting, and for its
+    # per-host slot; parsing is the costliest of those steps. Errors are not cached.
+    return httpx.URL(url)
+
+
 def validate_url(url: str) -> str:
     """Check that ``url`` is an absolute ``http``/``https`` URL with a host (syntax only).
 
@@ -83,7 +95,7 @@ def validate_url(url: str) -> str:
     if not url or any(c.isspace() for c in url):
         raise InvalidRecipientError(f"target URL must be non-empty without spaces: {url[:100]!r}")
     try:
-        parsed = httpx.URL(url)
+        parsed = _parse(url)
     except httpx.InvalidURL as exc:
         raise InvalidRecipientError(f"invalid target URL {describe_url(url)}: {exc}") from exc
     if parsed.scheme not in _SCHEMES:
@@ -102,7 +114,7 @@ def check_literal(url: str, *, allow_private: bool, setting: str = _WEBHOOK_SETT
     Raises:
         InvalidRecipientError: The URL is invalid, or its host is a non-public IP literal.
     """
-    host = httpx.URL(validate_url(url)).host
+    host = _parse(validate_url(url)).host
     if allow_private:
         return
     literal = _ip_literal(host)
@@ -298,30 +310,58 @@ class GuardedHttp:
         self.allow_private_targets = allow_private_targets
         self.setting = setting
         self._injected = client
-        self._sender: HttpSender | None = None
-        self._owned: httpx.AsyncClient | None = None
+        self._sender: HttpSender | None = None  # over an injected client
+        self._pools: OrderedDict[
+            tuple[str, str, int | None], tuple[HttpSender, httpx.AsyncClient]
+        ] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
         self._slots: dict[tuple[str, str, int | None], tuple[asyncio.Semaphore, int]] = {}
 
-    def _get_sender(self) -> HttpSender:
-        if self._sender is None:
-            client = self._injected
-            if client is None:
-                # The per-host cap bounds connections per host; idle ones are kept across hosts.
-                limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
-                transport = (
-                    httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-                    if self.allow_private_targets
-                    else _GuardedTransport(limits, self.setting)
+    def _get_sender(self, key: tuple[str, str, int | None]) -> HttpSender:
+        # One pool per target host, limited to max_connections: a pool shared by every host
+        # with no per-host limit grew past the cap under load (a connection is idle again only
+        # once its response is closed), and httpcore scans every pooled connection per request.
+        if self._injected is not None:
+            if self._sender is None:
+                self._sender = HttpSender(
+                    self.provider, timeout=self.timeout, client=self._injected
                 )
-                client = self._owned = httpx.AsyncClient(
-                    transport=transport,
-                    timeout=httpx.Timeout(self.timeout),
-                    follow_redirects=False,
-                    trust_env=False,
-                    event_hooks={"response": [_refuse_redirect]},
-                )
-            self._sender = HttpSender(self.provider, timeout=self.timeout, client=client)
-        return self._sender
+            return self._sender
+        entry = self._pools.get(key)
+        if entry is not None:
+            self._pools.move_to_end(key)
+            return entry[0]
+        limits = httpx.Limits(
+            max_connections=self.max_connections, max_keepalive_connections=self.max_connections
+        )
+        transport = (
+            httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+            if self.allow_private_targets
+            else _GuardedTransport(limits, self.setting)
+        )
+        client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(self.timeout),
+            follow_redirects=False,
+            trust_env=False,
+            event_hooks={"response": [_refuse_redirect]},
+        )
+        sender = HttpSender(self.provider, timeout=self.timeout, client=client)
+        self._pools[key] = (sender, client)
+        self._evict_idle_pools()
+        return sender
+
+    def _evict_idle_pools(self) -> None:
+        # Bounded: past _MAX_HOST_POOLS, the least recently used pools with no request in
+        # flight are closed (a pool in use is never closed under its requests).
+        for key in list(self._pools):
+            if len(self._pools) <= _MAX_HOST_POOLS:
+                return
+            if key not in self._slots:
+                _, client = self._pools.pop(key)
+                task = asyncio.get_running_loop().create_task(client.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def post(
         self,
@@ -343,8 +383,8 @@ class GuardedHttp:
             PermanentDeliveryError: A redirect or any other non-2xx answer.
         """
         validate_url(url)
-        sender = self._get_sender()
-        parsed = httpx.URL(url)
+        parsed = _parse(url)
+        key = (parsed.scheme, parsed.host, parsed.port)
         if params:
             # Merged into the URL's own query: httpx's ``params=`` would replace it.
             url = str(parsed.copy_merge_params(dict(params)))
@@ -352,7 +392,8 @@ class GuardedHttp:
             async with asyncio.timeout(self.timeout):
                 if self._injected is not None and not self.allow_private_targets:
                     await check_target(url, allow_private=False, setting=self.setting)
-                async with self._host_slot((parsed.scheme, parsed.host, parsed.port)):
+                async with self._host_slot(key):
+                    sender = self._get_sender(key)
                     return await sender.request("POST", url, content=content, headers=dict(headers))
         except OperationTimeoutError:
             raise
@@ -377,9 +418,9 @@ class GuardedHttp:
 
     async def aclose(self) -> None:
         """Close the client this object created (an injected one is left open)."""
-        sender, self._sender = self._sender, None
-        owned, self._owned = self._owned, None
-        if sender is not None:
-            await sender.aclose()
-        if owned is not None:
-            await owned.aclose()
+        self._sender = None
+        pools, self._pools = list(self._pools.values()), OrderedDict()
+        for _, client in pools:
+            await client.aclose()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import email.policy
 import email.utils
+import functools
 import importlib
 import re
 import socket
@@ -457,7 +458,10 @@ def _single_line(value: str, what: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
 def _validated(value: str, what: str, *, display_name: bool) -> ValidatedEmail:
+    # Cached: the same From and recipient are checked by check(), validate() and the builder,
+    # and email-validator is the costliest step of building a message (~70 us a call).
     _single_line(value, what)
     try:
         return validate_email(
