@@ -92,6 +92,11 @@ def validate_url(url: str) -> str:
     """
     if not isinstance(url, str):
         raise InvalidRecipientError(f"target URL must be a string, got {type(url).__name__}")
+    return _validate_url(url)
+
+
+@functools.lru_cache(maxsize=4096)  # valid URLs only: a raised error is not cached
+def _validate_url(url: str) -> str:
     if not url or any(c.isspace() for c in url):
         raise InvalidRecipientError(f"target URL must be non-empty without spaces: {url[:100]!r}")
     try:
