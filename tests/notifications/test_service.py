@@ -446,3 +446,32 @@ async def test_health_fails_while_the_redis_store_is_away(redis_server_factory) 
         assert "notification store" in (check.output or "")
         server.start()
         assert (await svc.health_check()).status == "pass"
+
+
+async def test_each_send_is_a_span_and_counted_in_metrics(clock: FakeClock) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from dotmac.communications.observability import metrics
+    from dotmac.communications.observability.tracing import use_tracer_provider
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    use_tracer_provider(provider)
+    try:
+        async with _svc(clock, CallbackProvider("webhook", Recorder(), name="hook")) as svc:
+            result = await svc.send(_note())
+    finally:
+        use_tracer_provider(None)
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "notification.send"
+    assert span.attributes is not None
+    assert span.attributes["notification.id"] == result.id
+    assert span.attributes["notification.channel"] == "webhook"
+    text = metrics.render_prometheus()
+    assert (
+        'dotmac_notifications_deliveries_total{notification_channel="webhook",notification_provider="hook",notification_status="sent"} 1'
+        in text
+    )

@@ -107,7 +107,9 @@ class GuardedProvider:
                     await self.limiter.acquire(1, timeout=self.rate_limit_wait)
                 with self.breaker.allow():
                     receipt = await self.provider.send(
-                        dataclasses.replace(message, attempt=attempt)
+                        message
+                        if attempt == message.attempt
+                        else dataclasses.replace(message, attempt=attempt)
                     )
                 return Outcome(attempt, receipt=receipt)
             except Exception as raw:  # noqa: BLE001 -- see _as_library_error

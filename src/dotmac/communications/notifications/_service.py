@@ -126,6 +126,7 @@ class NotificationService:
         self._redis_url = redis_url
         self._breaker_options: CircuitBreakerOptions = breaker or {}
         self._chains: dict[str, list[GuardedProvider]] = {}
+        self._bound_sends: dict[tuple[str, str, str], metrics.BoundCounter] = {}
         self._scheduler: asyncio.Task[None] | None = None
         self._started = False
         self.dead_letters = NotificationDeadLetters(self)
@@ -406,6 +407,17 @@ class NotificationService:
                 checked.add(provider.name)
         return messages
 
+    def _sends_counter(self, channel: str, status: str, provider: str) -> metrics.BoundCounter:
+        key = (channel, status, provider)
+        bound = self._bound_sends.get(key)
+        if bound is None:
+            attrs = {"notification.channel": channel, "notification.status": status,
+                     "notification.provider": provider}  # fmt: skip
+            bound = metrics.counter(_SENDS, unit="{delivery}").bind(attrs)
+            if len(self._bound_sends) < 10_000:  # channels x statuses x providers: few
+                self._bound_sends[key] = bound
+        return bound
+
     def _route(self, channel: str, recipient: str) -> list[GuardedProvider]:
         chain = [g for g in self._chains.get(channel, ()) if g.provider.handles(recipient)]
         if chain and not chain[0].provider.failover:
@@ -464,6 +476,19 @@ class NotificationService:
         await self.store.save_result(result, self.history_ttl)
         return result
 
+    async def _deliver_each(
+        self, notification: Notification, messages: list[OutboundMessage]
+    ) -> tuple[DeliveryResult, ...]:
+        if len(messages) == 1:  # the common case: no gate, no gather
+            return (await self._deliver(notification, messages[0]),)
+        gate = asyncio.Semaphore(self.recipient_concurrency)
+
+        async def one(message: OutboundMessage) -> DeliveryResult:
+            async with gate:
+                return await self._deliver(notification, message)
+
+        return tuple(await asyncio.gather(*(one(m) for m in messages)))
+
     async def _deliver_all(
         self,
         notification: Notification,
@@ -473,23 +498,17 @@ class NotificationService:
     ) -> NotificationResult:
         """Deliver to every recipient; with ``merge``, update the saved result's deliveries."""
         start = time.perf_counter()
-        gate = asyncio.Semaphore(self.recipient_concurrency)
-
-        async def one(message: OutboundMessage) -> DeliveryResult:
-            async with gate:
-                return await self._deliver(notification, message)
-
-        with tracing.span(
-            "notification.send",
-            {"notification.channel": notification.channel.value,
-             "notification.id": notification.id,
-             "notification.recipients": len(messages)},
-            kind=SpanKind.PRODUCER,
-        ):  # fmt: skip
-            if len(messages) == 1:
-                deliveries: tuple[DeliveryResult, ...] = (await one(messages[0]),)
-            else:
-                deliveries = tuple(await asyncio.gather(*(one(m) for m in messages)))
+        if tracing.is_active():
+            with tracing.span(
+                "notification.send",
+                {"notification.channel": notification.channel.value,
+                 "notification.id": notification.id,
+                 "notification.recipients": len(messages)},
+                kind=SpanKind.PRODUCER,
+            ):  # fmt: skip
+                deliveries = await self._deliver_each(notification, messages)
+        else:
+            deliveries = await self._deliver_each(notification, messages)
         result = NotificationResult.of(notification.id, deliveries)
         if merge:
             earlier = await self.store.get_result(notification.id)
@@ -632,11 +651,7 @@ class NotificationService:
             notification.id,
             [self._entry(status.value, message.recipient, provider, attempts, error, message_id)],
         )
-        metrics.counter(_SENDS, unit="{delivery}").add(
-            1,
-            {"notification.channel": message.channel, "notification.status": status.value,
-             "notification.provider": provider or ""},
-        )  # fmt: skip
+        self._sends_counter(message.channel, status.value, provider or "").add(1)
         if status is DeliveryStatus.FAILED:
             log.error(
                 "notifications: %s to %s failed after %d attempt(s): %s",

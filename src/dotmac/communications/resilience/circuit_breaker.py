@@ -434,7 +434,13 @@ class CircuitBreaker:
         if permit._generation != self._generation:
             return  # the state changed since the permit was granted; the outcome is stale
         self._window.append((failed, slow))
-        if len(self._window) >= self.minimum_calls and self._over_threshold(self._window):
+        calls = len(self._window)
+        # A fast, successful call cannot raise either rate above what the previous call was
+        # judged at (it replaces an outcome at least as good), so only the first judgement and
+        # bad outcomes need the window counted.
+        if calls < self.minimum_calls or (calls > self.minimum_calls and not (failed or slow)):
+            return
+        if self._over_threshold(self._window):
             self._transition("open")
 
     def _release(self, permit: Permit) -> None:
