@@ -34,7 +34,7 @@ from dotmac.communications.notifications.channels._http import (
     parse_retry_after,
 )
 from dotmac.communications.notifications.channels.base import Provider
-from dotmac.communications.notifications.channels.sms import _exchange, _http_url, _json_or_none
+from dotmac.communications.notifications.channels.sms import _http_url, _json_or_none
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -287,7 +287,9 @@ class FCMProvider(Provider):
 
     async def _post(self, token: str, body: dict[str, Any]) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"}
-        return await _exchange(self._http, "POST", self._send_url, json=body, headers=headers)
+        return await self._http.request(
+            "POST", self._send_url, check=False, json=body, headers=headers
+        )
 
     def _raise_for_send_status(self, response: httpx.Response) -> NoReturn:
         status = response.status_code
@@ -341,7 +343,7 @@ class FCMProvider(Provider):
     async def _fetch_token(self) -> _AccessToken:
         now = self._clock()
         form = {"grant_type": _GRANT_TYPE, "assertion": self._assertion(int(now))}
-        response = await _exchange(self._http, "POST", self.token_url, data=form)
+        response = await self._http.request("POST", self.token_url, check=False, data=form)
         status = response.status_code
         answer = _json_or_none(response)
         answer = answer if isinstance(answer, dict) else {}

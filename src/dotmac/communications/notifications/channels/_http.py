@@ -105,9 +105,13 @@ class HttpSender:
         url: str,
         *,
         gone_statuses: Collection[int] = (),
+        check: bool = True,
         **kwargs: Any,
     ) -> httpx.Response:
         """Send one request within the total deadline; return a 2xx response or raise.
+
+        With ``check=False`` any answer is returned, for providers that read an error body
+        before deciding (Twilio's and FCM's error codes); transport errors still raise.
 
         Raises:
             OperationTimeoutError: No full answer within ``timeout`` (transient).
@@ -133,7 +137,8 @@ class HttpSender:
             ) from exc
         except httpx.InvalidURL as exc:
             raise PermanentDeliveryError(f"{self.provider}: invalid URL {url!r}: {exc}") from exc
-        check_status(self.provider, response, gone_statuses=gone_statuses)
+        if check:
+            check_status(self.provider, response, gone_statuses=gone_statuses)
         return response
 
 

@@ -8,7 +8,6 @@ request is made.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Mapping
@@ -20,7 +19,6 @@ from dotmac.communications.errors import (
     ConfigurationError,
     DeliveryError,
     InvalidRecipientError,
-    OperationTimeoutError,
     PermanentDeliveryError,
     RecipientUnregisteredError,
 )
@@ -82,29 +80,6 @@ def normalize_e164(number: str) -> str:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
-async def _exchange(http: HttpSender, method: str, url: str, **kwargs: Any) -> httpx.Response:
-    # HttpSender.request raises on any non-2xx answer, but Twilio's error body must be read
-    # first (its error code decides between a bad number and a refused request). Same deadline
-    # and transport-error mapping as HttpSender.request; the caller checks the status.
-    try:
-        async with asyncio.timeout(http.timeout):
-            return await http.client.request(method, url, **kwargs)
-    except TimeoutError as exc:
-        raise OperationTimeoutError(
-            f"{http.provider}: no answer from {_host(url)} within {http.timeout}s"
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise OperationTimeoutError(
-            f"{http.provider}: {type(exc).__name__} talking to {_host(url)}"
-        ) from exc
-    except httpx.TransportError as exc:
-        raise DeliveryError(
-            f"{http.provider}: cannot reach {_host(url)}: {type(exc).__name__}: {exc}"
-        ) from exc
-    except httpx.InvalidURL as exc:
-        raise PermanentDeliveryError(f"{http.provider}: invalid URL {url!r}: {exc}") from exc
-
-
 def _json_or_none(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -130,7 +105,25 @@ def _http_url(url: str, what: str) -> str:
     return url
 
 
-class TwilioProvider(Provider):
+class _SmsProvider(Provider):
+    """E.164 recipients and senders, a text body: what every SMS provider checks first."""
+
+    def validate(self, recipient: str) -> str:
+        """Return ``recipient`` in E.164 form.
+
+        Raises:
+            InvalidRecipientError: Not a valid international phone number.
+        """
+        return normalize_e164(recipient)
+
+    def check(self, message: OutboundMessage) -> None:
+        """Refuse a malformed ``sender`` number or an empty body before anything is sent."""
+        if message.sender:
+            normalize_e164(message.sender)
+        _needs_text(self.name, message)
+
+
+class TwilioProvider(_SmsProvider):
     """Send SMS through Twilio's Programmable Messaging REST API.
 
     Args:
@@ -194,20 +187,6 @@ class TwilioProvider(Provider):
         self._auth = httpx.BasicAuth(account_sid, auth_token)
         self._http = HttpSender(name, timeout=timeout, client=client)
 
-    def validate(self, recipient: str) -> str:
-        """Return ``recipient`` in E.164 form.
-
-        Raises:
-            InvalidRecipientError: Not a valid international phone number.
-        """
-        return normalize_e164(recipient)
-
-    def check(self, message: OutboundMessage) -> None:
-        """Refuse a malformed ``sender`` number or an empty body before anything is sent."""
-        if message.sender:
-            normalize_e164(message.sender)
-        _needs_text(self.name, message)
-
     async def aclose(self) -> None:
         """Close the HTTP client (if this provider created it)."""
         await self._http.aclose()
@@ -231,7 +210,9 @@ class TwilioProvider(Provider):
         if self.messaging_service_sid:
             form["MessagingServiceSid"] = self.messaging_service_sid
         form["Body"] = body
-        response = await _exchange(self._http, "POST", self._url, data=form, auth=self._auth)
+        response = await self._http.request(
+            "POST", self._url, check=False, data=form, auth=self._auth
+        )
         if not response.is_success:
             self._raise_for_status(response, to)
         answer = _json_or_none(response)
@@ -264,7 +245,7 @@ class TwilioProvider(Provider):
         raise PermanentDeliveryError(text)
 
 
-class HttpSmsProvider(Provider):
+class HttpSmsProvider(_SmsProvider):
     """Send SMS through any gateway that takes a JSON body over HTTP.
 
     The body is ``body_template`` with the placeholders ``{to}``, ``{from}``, ``{body}`` and
@@ -340,20 +321,6 @@ class HttpSmsProvider(Provider):
         self.message_id_field = message_id_field or None
         self.name = name
         self._http = HttpSender(name, timeout=timeout, client=client)
-
-    def validate(self, recipient: str) -> str:
-        """Return ``recipient`` in E.164 form.
-
-        Raises:
-            InvalidRecipientError: Not a valid international phone number.
-        """
-        return normalize_e164(recipient)
-
-    def check(self, message: OutboundMessage) -> None:
-        """Refuse a malformed ``sender`` number or an empty body before anything is sent."""
-        if message.sender:
-            normalize_e164(message.sender)
-        _needs_text(self.name, message)
 
     async def aclose(self) -> None:
         """Close the HTTP client (if this provider created it)."""
