@@ -173,7 +173,9 @@ class WebSocketGateway:
         """Build a gateway from ``CommunicationsConfig().websockets``.
 
         The authenticator comes from ``jwt_secret`` / ``allow_anonymous`` as in the constructor.
-        The backend is the :class:`MemoryBackend` (one process); ``redis_url`` is not used yet.
+        The backend is the :class:`MemoryBackend` (one process): a ``redis_url`` in the settings
+        is not used yet (cross-process fan-out comes with ``RedisBackend``), which is logged as
+        a warning so a multi-process deployment does not silently miss messages.
 
         Args:
             settings: The ``websockets`` section.
@@ -182,6 +184,11 @@ class WebSocketGateway:
         Raises:
             ConfigurationError: As for the constructor.
         """
+        if settings.redis_url and "backend" not in kwargs:
+            log.warning(
+                "websockets.redis_url is set, but cross-process fan-out (RedisBackend) is not "
+                "built yet: this gateway delivers to its own clients only"
+            )
         return cls(settings, **kwargs)
 
     @property
@@ -270,7 +277,15 @@ class WebSocketGateway:
             log.warning("gateway stop: connection handlers still running; cancelling them")
             for task in list(server.handler_tasks):
                 task.cancel()
-            await server.wait_closed()
+            try:  # bounded too: a host's on_disconnect hook may ignore the cancellation
+                async with asyncio.timeout(_STOP_GRACE):
+                    await server.wait_closed()
+            except TimeoutError:
+                log.warning("gateway stop: connection handlers ignored cancellation; abandoned")
+        for task in list(self._closing_tasks):  # slow-consumer and token-expiry closes
+            task.cancel()
+        if self._closing_tasks:
+            await asyncio.wait(self._closing_tasks, timeout=_STOP_GRACE)
         await self.backend.close()
         log.info("gateway stopped")
 
