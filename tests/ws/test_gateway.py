@@ -550,7 +550,9 @@ async def test_backend_failures_on_start_and_publish(start, client) -> None:
 # ------------------------------------------------------------------------------------- fan-out
 async def test_slow_client_is_closed_while_fast_ones_get_everything(start, client) -> None:
     """A client that stops reading is closed 1008 past its budget; readers miss nothing."""
-    gateway = await start(ws_settings(send_buffer_limit=65_536))
+    # ping_timeout is also the close timeout: long enough that the close frame still reaches the
+    # slow client when the test reads it, after the fast readers are done.
+    gateway = await start(ws_settings(send_buffer_limit=65_536, ping_timeout=15))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", gateway.port))
@@ -582,6 +584,7 @@ async def test_slow_client_is_closed_while_fast_ones_get_everything(start, clien
     assert metrics.value(SLOW) == 1
     for task in readers:
         task.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
 
 
 # ------------------------------------------------------------------------------ frames and limits
