@@ -1,7 +1,8 @@
 """``dotmac-comms``: inspect configuration and health from the command line.
 
-Exit codes: 0 success, 1 unhealthy, 2 invalid configuration or usage. Later commands (``serve``,
-``send``, ``dlq``) arrive with the parts they drive.
+Exit codes: 0 success, 1 unhealthy, 2 invalid configuration or usage. ``serve`` runs the
+WebSocket gateway until SIGINT/SIGTERM. Later commands (``send``, ``dlq``) arrive with the parts
+they drive.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -38,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     config_cmd.add_parser("show", help="print the resolved configuration as JSON (secrets masked)")
     config_cmd.add_parser("check", help="validate the configuration; exit 2 when invalid")
     config_cmd.add_parser("env-example", help="print .env.example for this version")
+    serve = commands.add_parser(
+        "serve", help="run the WebSocket gateway (with /health and /metrics) until SIGINT/SIGTERM"
+    )
+    serve.add_argument("--host", help="listen address (default: websockets.host)")
+    serve.add_argument("--port", type=int, help="listen port, 0 for any (default: websockets.port)")
     health = commands.add_parser("health", help="run the health checks once (health+json)")
     health.add_argument(
         "--timeout", type=float, default=None, help="per-check timeout (default: config)"
@@ -71,6 +78,7 @@ def build_health_registry(
 def _write(text: str, *, err: bool = False) -> None:
     stream = sys.stderr if err else sys.stdout
     stream.write(text if text.endswith("\n") else text + "\n")
+    stream.flush()  # serve's banner must reach a piped reader while it runs
 
 
 async def _health(config: CommunicationsConfig, per_check: float | None) -> int:
@@ -107,7 +115,52 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"redis={'configured' if config.redis_url else 'not configured'}"
             )
         return EXIT_OK
+    if args.command == "serve":
+        return asyncio.run(_serve(config, args.host, args.port))
     return asyncio.run(_health(config, args.timeout))
+
+
+async def _serve(config: CommunicationsConfig, host: str | None, port: int | None) -> int:
+    from .observability import configure_logging  # noqa: PLC0415
+    from .websockets import WebSocketGateway  # noqa: PLC0415 -- only serve needs the gateway
+
+    configure_logging(config.log_level, config.log_format or "json")
+    settings = config.websockets
+    if settings.jwt_secret is None and not settings.allow_anonymous:
+        if config.environment != "development":
+            _write(
+                "dotmac-comms: serve needs websockets.jwt_secret (DOTMAC_WEBSOCKETS__JWT_SECRET) "
+                f"outside development (environment={config.environment})",
+                err=True,
+            )
+            return EXIT_USAGE
+        settings = settings.model_copy(update={"allow_anonymous": True})
+        _write(
+            "dotmac-comms: DEVELOPMENT MODE: no websockets.jwt_secret is set, so the gateway "
+            "accepts ANONYMOUS clients; set DOTMAC_WEBSOCKETS__JWT_SECRET before exposing it",
+            err=True,
+        )
+    try:
+        gateway = WebSocketGateway.from_config(settings)
+    except ConfigurationError as exc:
+        _write(f"dotmac-comms: {exc}", err=True)
+        return EXIT_USAGE
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await gateway.start(host, port)
+    try:
+        where = f"{host or settings.host}:{gateway.port}"
+        _write(
+            f"dotmac-comms: gateway listening on ws://{where}{settings.path} "
+            f"(health http://{where}/health, metrics http://{where}/metrics)"
+        )
+        await stop.wait()
+        _write("dotmac-comms: stopping (draining connections)")
+    finally:
+        await gateway.stop()
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover
