@@ -818,3 +818,21 @@ def test_arbitrary_frames_never_raise_and_never_leak(steps: list[tuple[Any, floa
         _check_well_formed(p, p.confirm_subscribe(channel))
         _check_bounded(p)
     assert p.pending == frozenset()
+
+
+def test_application_types_are_dispatched_after_the_checks() -> None:
+    """A registered application type yields Dispatch; built-in types stay built in."""
+    from dotmac.communications.websockets._protocol import ConnectionProtocol, Dispatch
+
+    registry: dict[str, object] = {}
+    proto = ConnectionProtocol("u1", None, app_types=registry, burst=2, rate=1.0)
+    frame = '{"type": "typing", "room": "r1"}'
+    (unknown,) = proto.receive_text(frame, 0.0)
+    assert b"unknown_type" in unknown.frame  # type: ignore[union-attr]
+    registry["typing"] = object()  # registered later: the live registry counts
+    registry["ping"] = object()  # a built-in type cannot be taken over
+    assert proto.receive_text(frame, 10.0) == [Dispatch("typing", {"type": "typing", "room": "r1"})]
+    (pong,) = proto.receive_text('{"type": "ping"}', 10.0)
+    assert b"pong" in pong.frame  # type: ignore[union-attr]
+    (limited,) = proto.receive_text(frame, 10.0)  # the rate limit applies to app frames too
+    assert b"rate_limited" in limited.frame  # type: ignore[union-attr]

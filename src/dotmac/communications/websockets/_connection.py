@@ -31,6 +31,7 @@ from ._protocol import (
     Close,
     ConnectionProtocol,
     Detach,
+    Dispatch,
     Publish,
     Send,
     Subscribe,
@@ -58,36 +59,6 @@ ConnectionHook: TypeAlias = Callable[["GatewayConnection"], Awaitable[None]]
 """``async (connection) -> None``, run when a connection opens or after it closed."""
 MessageHandler: TypeAlias = Callable[["GatewayConnection", dict[str, Any]], Awaitable[None]]
 """``async (connection, frame) -> None`` for a client frame of an application type."""
-
-
-class _AppProtocol(ConnectionProtocol):
-    """The protocol, passing frames of registered application types to the gateway.
-
-    A frame whose ``type`` is a key of ``app_types`` (checked after the size, rate-limit and JSON
-    checks, which it passes like any frame) yields no action; it is left in :attr:`app_frame`
-    for the adapter to hand to the ``on_message`` handler. Other frames are handled as usual
-    (unregistered types answer ``unknown_type``).
-    """
-
-    def __init__(
-        self,
-        user_id: str | None,
-        tenant_id: str | None,
-        *,
-        app_types: Mapping[str, object],
-        **limits: Any,
-    ) -> None:
-        super().__init__(user_id, tenant_id, **limits)
-        self._app_types = app_types  # the gateway's live registry: handlers added later count
-        self.app_frame: dict[str, Any] | None = None
-
-    def _dispatch(self, frame: Any) -> list[Action]:
-        if self._app_types and isinstance(frame, dict):
-            kind = frame.get("type")
-            if isinstance(kind, str) and kind in self._app_types:
-                self.app_frame = frame
-                return []
-        return super()._dispatch(frame)
 
 
 class _ServerConnection(ServerConnection):
@@ -126,7 +97,7 @@ class GatewayConnection:
     __slots__ = ("_closing", "_protocol", "_ws", "id", "identity")
 
     def __init__(
-        self, id: int, identity: Identity, ws: _ServerConnection, protocol: _AppProtocol
+        self, id: int, identity: Identity, ws: _ServerConnection, protocol: ConnectionProtocol
     ) -> None:
         self.id = id
         self.identity = identity
@@ -281,18 +252,14 @@ class GatewayConnection:
             actions = protocol.receive_text(message, now)
         else:
             actions = protocol.receive_bytes(message, now)
-        if not await self._carry_out(gateway, actions):
-            return False
-        frame = protocol.app_frame
-        if frame is not None:
-            protocol.app_frame = None
-            await self._handle_app_frame(gateway, frame)
-        return True
+        return await self._carry_out(gateway, actions)
 
     async def _carry_out(self, gateway: WebSocketGateway, actions: list[Action]) -> bool:
         """Carry out the protocol's actions in order; ``False`` once the connection closes."""
         for action in actions:
-            if isinstance(action, Send):
+            if isinstance(action, Dispatch):
+                await self._handle_app_frame(gateway, action.frame)
+            elif isinstance(action, Send):
                 if not await self._write(action.frame):
                     return False
             elif isinstance(action, Subscribe):

@@ -59,12 +59,12 @@ from ._connection import (
     ConnectionHook,
     GatewayConnection,
     MessageHandler,
-    _AppProtocol,
     _ServerConnection,
 )
 from ._hub import Hub
 from ._protocol import (
     CLIENT_FRAME_TYPES,
+    ConnectionProtocol,
     encode_message,
     tenant_channel,
     user_channel,
@@ -502,7 +502,7 @@ class WebSocketGateway:
         ):
             return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "tenant_capacity")
         try:
-            protocol = _AppProtocol(
+            protocol = ConnectionProtocol(
                 identity.user_id,
                 identity.tenant_id,
                 app_types=self._handlers,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias
@@ -50,6 +50,7 @@ __all__ = [
     "Close",
     "ConnectionProtocol",
     "Detach",
+    "Dispatch",
     "Publish",
     "Send",
     "StreamPosition",
@@ -180,7 +181,15 @@ class Close:
     reason: str
 
 
-Action: TypeAlias = Send | Subscribe | Attach | Detach | Publish | Close
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A frame of an application type (``app_types``): hand it to the host's handler."""
+
+    type: str
+    frame: dict[str, Any]
+
+
+Action: TypeAlias = Send | Subscribe | Attach | Detach | Publish | Close | Dispatch
 
 
 def _channel_problem(channel: object) -> str | None:
@@ -367,6 +376,7 @@ class ConnectionProtocol:
         rate: float = 10.0,
         burst: int = 50,
         abuse_limit: int = 10,
+        app_types: Collection[str] = (),
     ) -> None:
         limits = {
             "max_subscriptions": (max_subscriptions, 0),
@@ -388,6 +398,8 @@ class ConnectionProtocol:
         except InvalidChannelError as exc:
             raise ProtocolError(f"identity cannot name its channels: {exc}") from exc
         self._user_id = user_id
+        # Checked by membership on each frame: a live registry (types added later) works too.
+        self._app_types = app_types
         self._tenant_id = tenant_id
         self._max_subscriptions = max_subscriptions
         self._max_message_size = max_message_size
@@ -572,6 +584,10 @@ class ConnectionProtocol:
         return [Send(encode_error(RATE_LIMITED, "too many frames; this one was dropped"))]
 
     def _dispatch(self, frame: Any) -> list[Action]:
+        if self._app_types and isinstance(frame, dict):
+            kind = frame.get("type")
+            if isinstance(kind, str) and kind in self._app_types and kind not in CLIENT_FRAME_TYPES:
+                return [Dispatch(kind, frame)]
         request = _parse_request(frame)
         if isinstance(request, list):
             return request
