@@ -19,6 +19,7 @@ PACKAGES = [
     "dotmac.communications.notifications",
     "dotmac.communications.websockets",
     "dotmac.communications.websockets.backends",
+    "dotmac.communications.websockets.asgi",
 ]
 
 

@@ -1,9 +1,11 @@
 """The WebSocket gateway: authenticated connections, channels and fan-out in one process.
 
 ``WebSocketGateway`` serves the JSON protocol of ``docs/protocol.md`` with ``websockets``:
-authenticators turn a handshake into an :class:`Identity` (or refuse it with HTTP 401/403),
-the same port answers ``/health`` and ``/metrics``. Fan-out across processes (``RedisBackend``),
-presence and history come with the next release; ``dotmac-comms serve`` and the ASGI adapter too.
+authenticators turn a handshake into an :class:`Identity` (or refuse it with HTTP 401/403), the
+same port answers ``/health`` and ``/metrics``, and ``dotmac-comms serve`` runs it.
+:mod:`dotmac.communications.websockets.asgi` mounts the same connection handling in a
+Starlette/FastAPI app. Fan-out across processes (``RedisBackend``), presence and history come
+with the next release.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from .backends.base import BROADCAST_CHANNEL
 
 if TYPE_CHECKING:
     from ._gateway import WebSocketGateway
+    from .asgi import _AsgiSocket
 
 __all__ = [
     "AuthorizeAction",
@@ -75,6 +76,10 @@ class _ServerConnection(ServerConnection):
         self.gateway: WebSocketGateway | None = None
         self.gateway_connection: GatewayConnection | None = None
 
+    def abort(self) -> None:
+        """Drop the TCP connection and whatever it still buffers."""
+        self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         gateway, self.gateway = self.gateway, None
@@ -97,7 +102,11 @@ class GatewayConnection:
     __slots__ = ("_closing", "_protocol", "_ws", "id", "identity")
 
     def __init__(
-        self, id: int, identity: Identity, ws: _ServerConnection, protocol: ConnectionProtocol
+        self,
+        id: int,
+        identity: Identity,
+        ws: _ServerConnection | _AsgiSocket,
+        protocol: ConnectionProtocol,
     ) -> None:
         self.id = id
         self.identity = identity
@@ -108,7 +117,7 @@ class GatewayConnection:
     def __repr__(self) -> str:
         return (
             f"<GatewayConnection id={self.id} user={self.identity.user_id!r} "
-            f"tenant={self.identity.tenant_id!r} {self._ws.protocol.state.name}>"
+            f"tenant={self.identity.tenant_id!r} {self._ws.state.name}>"
         )
 
     @property
@@ -134,7 +143,7 @@ class GatewayConnection:
     @property
     def open(self) -> bool:
         """Whether the connection is open and not being closed."""
-        return not self._closing and self._ws.protocol.state is State.OPEN
+        return not self._closing and self._ws.state is State.OPEN
 
     @property
     def close_code(self) -> int | None:
@@ -176,7 +185,7 @@ class GatewayConnection:
                 await ws.close(code, reason)
         except TimeoutError:
             # The client neither reads nor answers the close frame: drop it, and its buffer.
-            ws.transport.abort()
+            ws.abort()
 
     # -- the gateway's side ----------------------------------------------------------------
 

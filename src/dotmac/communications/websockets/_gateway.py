@@ -16,7 +16,7 @@ import itertools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, KeysView, Sequence
-from typing import Any, Self, cast
+from typing import TYPE_CHECKING, Any, Self, TypeAlias, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.frames import CloseCode
@@ -61,7 +61,7 @@ from ._connection import (
     MessageHandler,
     _ServerConnection,
 )
-from ._hub import Hub
+from ._hub import Hub, Member
 from ._protocol import (
     CLIENT_FRAME_TYPES,
     ConnectionProtocol,
@@ -81,7 +81,13 @@ __all__ = [
     "WebSocketGateway",
 ]
 
+if TYPE_CHECKING:
+    from .asgi import _AsgiSocket
+
 log = logging.getLogger("dotmac.communications.websockets")
+
+_Refusal: TypeAlias = tuple[int, str]
+"""Why a handshake is refused: the HTTP status and the reason counted in metrics."""
 
 _DRAIN_BATCH = 500  # connections whose close starts in one event-loop turn during stop()
 _STOP_GRACE = 2.0  # seconds stop() gives handlers (on_disconnect hooks) after the drain
@@ -302,7 +308,7 @@ class WebSocketGateway:
             return
         _, pending = await asyncio.wait(closing, timeout=max(0.0, deadline - loop.time()))
         for task in pending:
-            closing[task]._ws.transport.abort()
+            closing[task]._ws.abort()
         if pending:
             log.warning("gateway stop: %d connection(s) dropped after drain_timeout", len(pending))
             await asyncio.wait(pending)
@@ -473,26 +479,51 @@ class WebSocketGateway:
         handshake = HandshakeRequest.from_path_and_headers(
             request.path, request.headers, ws.remote_address
         )
+        identity = await self._identify(handshake)
+        if isinstance(identity, Identity):
+            return identity
+        status, reason = identity
+        response = self._refuse(ws, status, reason)
+        if reason == "unauthorized":
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    async def _identify(self, handshake: HandshakeRequest) -> Identity | _Refusal:
+        """Check the origin and the credential: the identity, or the status and reason to refuse."""
         try:
             check_origin(handshake, self.settings.allowed_origins)
             return await self.authenticator.authenticate(handshake)
         except AuthenticationError as exc:
-            log.debug("handshake from %s refused: %s", ws.remote_address, exc)
+            log.debug("handshake from %s refused: %s", handshake.remote_address, exc)
             if exc.status == http.HTTPStatus.FORBIDDEN:
-                return self._refuse(ws, exc.status, "origin")
-            response = self._refuse(ws, exc.status, "unauthorized")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
+                return exc.status, "origin"
+            return exc.status, "unauthorized"
         except (BackendError, OperationTimeoutError) as exc:
-            log.warning("handshake from %s: authentication unavailable: %s", ws.remote_address, exc)
-            return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable")
+            log.warning(
+                "handshake from %s: authentication unavailable: %s", handshake.remote_address, exc
+            )
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable"
 
     def _admit(self, ws: _ServerConnection, identity: Identity) -> Response | None:
+        protocol = self._reserve(identity, ws.remote_address)
+        if not isinstance(protocol, ConnectionProtocol):
+            return self._refuse(ws, *protocol)
+        ws.gateway_connection = GatewayConnection(
+            next(self._connection_ids), identity, ws, protocol
+        )
+        ws.gateway = self  # releases the slot when the TCP connection is lost
+        return None
+
+    def _reserve(self, identity: Identity, remote_address: Any) -> ConnectionProtocol | _Refusal:
+        """Take a connection slot for ``identity``: its protocol, or why it is refused.
+
+        The caller releases the slot with :meth:`_release` once the connection is gone.
+        """
         settings = self.settings
         if self._draining:
-            return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining")
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "draining"
         if self._reserved >= settings.max_connections:
-            return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "capacity")
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "capacity"
         tenant = identity.tenant_id
         per_tenant = settings.max_connections_per_tenant
         if (
@@ -500,7 +531,7 @@ class WebSocketGateway:
             and per_tenant is not None
             and self._per_tenant.get(tenant, 0) >= per_tenant
         ):
-            return self._refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, "tenant_capacity")
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "tenant_capacity"
         try:
             protocol = ConnectionProtocol(
                 identity.user_id,
@@ -512,16 +543,12 @@ class WebSocketGateway:
                 burst=settings.message_burst,
             )
         except ProtocolError as exc:  # an id with ':' cannot name its user/tenant channel
-            log.warning("handshake from %s refused: %s", ws.remote_address, exc)
-            return self._refuse(ws, http.HTTPStatus.UNAUTHORIZED, "unauthorized")
+            log.warning("handshake from %s refused: %s", remote_address, exc)
+            return http.HTTPStatus.UNAUTHORIZED, "unauthorized"
         self._reserved += 1
         if tenant is not None:
             self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
-        ws.gateway_connection = GatewayConnection(
-            next(self._connection_ids), identity, ws, protocol
-        )
-        ws.gateway = self  # releases the slot when the TCP connection is lost
-        return None
+        return protocol
 
     def _release(self, tenant: str | None) -> None:
         self._reserved -= 1
@@ -533,9 +560,12 @@ class WebSocketGateway:
                 del self._per_tenant[tenant]
 
     def _refuse(self, ws: ServerConnection, status: int, reason: str) -> Response:
-        metrics.counter(_REFUSED, unit="{handshake}").add(1, {"reason": reason})
+        self._count_refusal(reason)
         phrase = http.HTTPStatus(status).phrase
         return ws.respond(status, f"{phrase}\n")
+
+    def _count_refusal(self, reason: str) -> None:
+        metrics.counter(_REFUSED, unit="{handshake}").add(1, {"reason": reason})
 
     # -- connections -----------------------------------------------------------------------
 
@@ -543,6 +573,11 @@ class WebSocketGateway:
         connection = cast("_ServerConnection", ws).gateway_connection
         if connection is None:  # pragma: no cover - _process_request admits every upgrade
             return
+        await self._run(connection)
+
+    async def _run(self, connection: GatewayConnection) -> None:
+        """Serve an open connection, native or ASGI, until it closes; then clean up after it."""
+        ws = connection._ws
         if self._draining:
             await connection.close(CloseCode.GOING_AWAY, "server stopping")
             return
@@ -565,8 +600,8 @@ class WebSocketGateway:
                 except Exception:
                     log.exception("on_disconnect hook failed for connection %s", connection.id)
 
-    def _on_slow(self, ws: ServerConnection) -> None:
-        connection = cast("_ServerConnection", ws).gateway_connection
+    def _on_slow(self, ws: Member) -> None:
+        connection = cast("_ServerConnection | _AsgiSocket", ws).gateway_connection
         if connection is not None and not connection._closing:
             self._slow.add()
             log.info("connection %s closed: its send buffer is over the limit", connection.id)

@@ -7,6 +7,10 @@ write buffer already holds more than ``send_buffer_limit`` bytes (the client sto
 skipped and handed to ``on_slow``, which closes it, so no connection ever buffers more than its
 budget plus one message and fast connections never wait for a slow one.
 
+Connections without a transport (the ASGI adapter, :mod:`.asgi`) are :class:`FrameQueue` members:
+the hub checks their queued bytes against the same budget and appends the frame to their queue,
+which their own writer task empties.
+
 The hub also tells the backend which channels have local subscribers (first in, last out).
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Protocol, TypeAlias
 
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
@@ -23,11 +28,30 @@ from dotmac.communications.errors import BackendUnavailableError, Communications
 
 from .backends.base import BROADCAST_CHANNEL, GatewayBackend
 
-__all__ = ["Hub"]
+__all__ = ["FrameQueue", "Hub", "Member"]
 
 log = logging.getLogger("dotmac.communications.websockets")
 
 _OPEN = State.OPEN
+
+
+class FrameQueue(Protocol):
+    """A connection the hub writes to through its own bounded queue (no transport to check)."""
+
+    @property
+    def state(self) -> State:
+        """The connection's state; only ``OPEN`` connections receive frames."""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes queued and not yet handed to the server."""
+
+    def enqueue(self, text: str, size: int) -> None:
+        """Queue one text frame of ``size`` UTF-8 bytes (the caller checked the budget)."""
+
+
+Member: TypeAlias = ServerConnection | FrameQueue
+"""A local connection as the hub sees it: native (``websockets``) or queued (ASGI)."""
 
 
 class Hub:
@@ -47,13 +71,13 @@ class Hub:
         self,
         backend: GatewayBackend,
         send_buffer_limit: int,
-        on_slow: Callable[[ServerConnection], None],
+        on_slow: Callable[[Member], None],
     ) -> None:
         self._backend = backend
         self._limit = send_buffer_limit
         self._on_slow = on_slow
-        self._all: set[ServerConnection] = set()
-        self._channels: dict[str, set[ServerConnection]] = {}
+        self._all: set[Member] = set()
+        self._channels: dict[str, set[Member]] = {}
         # Channels whose backend subscribe is in flight -> the error it ended with, or None. Later
         # subscribers wait for it: a confirmed subscriber must miss nothing published elsewhere.
         self._joining: dict[str, asyncio.Future[BaseException | None]] = {}
@@ -71,15 +95,15 @@ class Hub:
         """Local connections subscribed to ``channel``."""
         return len(self._channels.get(channel, ()))
 
-    def add(self, ws: ServerConnection) -> None:
+    def add(self, ws: Member) -> None:
         """Register an open connection (it receives broadcasts from now on)."""
         self._all.add(ws)
 
-    def remove(self, ws: ServerConnection) -> None:
+    def remove(self, ws: Member) -> None:
         """Forget a connection for broadcasts (detach its channels separately)."""
         self._all.discard(ws)
 
-    async def attach(self, channel: str, ws: ServerConnection) -> None:
+    async def attach(self, channel: str, ws: Member) -> None:
         """Subscribe ``ws`` to ``channel``; the first local subscriber subscribes the backend.
 
         Raises:
@@ -116,7 +140,7 @@ class Hub:
         if not members:  # every subscriber left while the backend was subscribing
             await self._leave(channel, members)
 
-    async def detach(self, channel: str, ws: ServerConnection) -> None:
+    async def detach(self, channel: str, ws: Member) -> None:
         """Unsubscribe ``ws`` from ``channel``; the last one out unsubscribes the backend.
 
         A backend failure is logged, not raised: the process then merely receives frames for a
@@ -129,7 +153,7 @@ class Hub:
         if not members and channel not in self._joining:
             await self._leave(channel, members)
 
-    async def _leave(self, channel: str, members: set[ServerConnection]) -> None:
+    async def _leave(self, channel: str, members: set[Member]) -> None:
         if self._channels.get(channel) is members:
             del self._channels[channel]
         try:
@@ -137,7 +161,7 @@ class Hub:
         except CommunicationsError as exc:
             log.warning("backend could not unsubscribe channel %r: %s", channel, exc)
 
-    def deliver(self, channel: str, frame: bytes, exclude: ServerConnection | None = None) -> int:
+    def deliver(self, channel: str, frame: bytes, exclude: Member | None = None) -> int:
         """Write ``frame`` (UTF-8 JSON text) once to every open local subscriber of ``channel``.
 
         Connections over their byte budget are skipped and reported to ``on_slow``. Every
@@ -156,13 +180,26 @@ class Hub:
             return 0
         limit = self._limit
         targets: list[ServerConnection] = []
+        text: str | None = None
+        queued = 0
         for ws in members:
-            if ws.protocol.state is not _OPEN or ws is exclude:
+            if ws is exclude:
                 continue
-            if ws.transport.get_write_buffer_size() > limit:
-                self._on_slow(ws)
-                continue
-            targets.append(ws)
+            if isinstance(ws, ServerConnection):
+                if ws.protocol.state is not _OPEN:
+                    continue
+                if ws.transport.get_write_buffer_size() > limit:
+                    self._on_slow(ws)
+                    continue
+                targets.append(ws)
+            elif ws.state is _OPEN:
+                if ws.buffered > limit:
+                    self._on_slow(ws)
+                    continue
+                if text is None:  # decoded once per fan-out, for every queued connection
+                    text = frame.decode()
+                ws.enqueue(text, len(frame))
+                queued += 1
         if targets:
             broadcast(targets, frame, text=True)
-        return len(targets)
+        return len(targets) + queued
