@@ -113,3 +113,34 @@ async def notify(config: CommunicationsConfig) -> None:
         del sent, history, many, replayed
     ok: bool = verify_signature(b"{}", "t=1,v1=00", "secret")
     del ok
+
+
+async def gateway(config: CommunicationsConfig) -> None:
+    from dotmac.communications.websockets import (
+        GatewayConnection,
+        Identity,
+        JWTAuthenticator,
+        WebSocketGateway,
+    )
+    from dotmac.communications.websockets.asgi import GatewayEndpoint
+
+    async def authorize(identity: Identity, action: str, channel: str) -> bool:
+        return channel.startswith("public:") or identity.tenant_id is not None
+
+    gw = WebSocketGateway(
+        config.websockets,
+        authenticator=JWTAuthenticator("a-secret-of-at-least-32-bytes-long!!", audience="app"),
+        authorizer=authorize,
+    )
+
+    @gw.on_connect
+    async def hello(connection: GatewayConnection) -> None:
+        await connection.send({"type": "hello"})
+
+    async with gw.serve("127.0.0.1", 0):
+        delivered: int = await gw.publish("public:news", {"title": "hi"})
+        online: bool = gw.is_online("user-1")
+        await gw.send_to_user("user-1", {"n": 1})
+        del delivered, online
+    endpoint = GatewayEndpoint(gw)
+    del endpoint
