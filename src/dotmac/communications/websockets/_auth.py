@@ -401,7 +401,8 @@ class JWTAuthenticator:
         """Build the authenticator from ``websockets`` settings.
 
         Uses ``jwt_secret`` (a secret, or a PEM public key for the asymmetric algorithms),
-        ``jwt_algorithms`` and ``jwt_audience``; everything else keeps its default.
+        ``jwt_algorithms``, ``jwt_audience``, ``jwt_issuer`` and ``jwt_leeway`` (as the gateway
+        does); everything else keeps its default.
 
         Args:
             settings: The ``websockets`` section of the configuration.
@@ -419,6 +420,8 @@ class JWTAuthenticator:
             settings.jwt_secret.get_secret_value(),
             algorithms=settings.jwt_algorithms,
             audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway=settings.jwt_leeway,
             clock=clock,
         )
 

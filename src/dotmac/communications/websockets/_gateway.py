@@ -635,15 +635,8 @@ class WebSocketGateway:
 
 def _authenticator(settings: WebSocketsSettings, clock: Clock) -> Authenticator:
     jwt_auth = None
-    if settings.jwt_secret is not None:
-        jwt_auth = JWTAuthenticator(
-            settings.jwt_secret.get_secret_value(),
-            algorithms=settings.jwt_algorithms,
-            audience=settings.jwt_audience,
-            issuer=settings.jwt_issuer,
-            leeway=settings.jwt_leeway,
-            clock=clock,
-        )
+    if settings.jwt_secret is not None:  # one reading of the settings: JWTAuthenticator's own
+        jwt_auth = JWTAuthenticator.from_config(settings, clock=clock)
     if settings.allow_anonymous:
         anonymous = AnonymousAuthenticator()
         return anonymous if jwt_auth is None else ChainAuthenticator(jwt_auth, anonymous)
