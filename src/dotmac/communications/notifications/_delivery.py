@@ -19,7 +19,6 @@ from dotmac.communications.observability import metrics
 from dotmac.communications.resilience import (
     CircuitBreaker,
     RateLimiter,
-    RetryAttempt,
     RetryPolicy,
 )
 
@@ -34,7 +33,6 @@ AttemptFailed = Callable[[int, BaseException], Awaitable[None]]
 """Called after each failed attempt with its number and error (status history)."""
 
 _ATTEMPT_FAILURES = "dotmac.notifications.attempt.failures"
-_RETRIES = "dotmac.resilience.retries"
 
 
 def _as_library_error(exc: Exception, provider: str) -> CommunicationsError:
@@ -125,20 +123,12 @@ class GuardedProvider:
                 delay = self.retry.retry_delay(attempt, exc, elapsed=self.clock.monotonic() - start)
                 if delay is None:
                     return Outcome(attempt, error=exc)
-                retry_attrs = {
-                    "error.type": type(exc).__qualname__,
-                    "policy": self.retry.name or self.name,
-                }
-                metrics.counter(_RETRIES, description="Attempts retried by a RetryPolicy").add(
-                    1, retry_attrs
-                )
-                if self.retry.on_retry is not None:
-                    try:
-                        self.retry.on_retry(RetryAttempt(attempt, delay, exc, self.retry.name))
-                    except Exception:
-                        # Deliberately broad: a host's hook must not lose this send, or the
-                        # results of the notification's other recipients.
-                        log.exception("notifications: the retry policy's on_retry hook failed")
+                try:
+                    self.retry.record_retry(attempt, delay, exc, label=self.name)
+                except Exception:
+                    # Deliberately broad: a host's on_retry hook must not lose this send, or the
+                    # results of the notification's other recipients.
+                    log.exception("notifications: the retry policy's on_retry hook failed")
                 log.info(
                     "notifications: %s attempt %d to %s failed (%s); retrying in %.2fs",
                     self.name, attempt, message.recipient, exc, delay,

@@ -289,15 +289,35 @@ class RetryPolicy:
         return delay
 
     async def _before_retry(self, attempt: int, delay: float, exc: Exception, clock: Clock) -> None:
+        self.record_retry(attempt, delay, exc)
+        await clock.sleep(delay)
+
+    def record_retry(
+        self, attempt: int, delay: float, exc: BaseException, *, label: str | None = None
+    ) -> None:
+        """Count a retry in ``dotmac.resilience.retries`` and call :attr:`on_retry`.
+
+        :meth:`call` does this before each wait; callers that run attempts themselves with
+        :meth:`retry_delay` call it so their retries are counted and hooked the same way.
+
+        Args:
+            attempt: Number of the attempt that failed.
+            delay: Seconds until the next attempt.
+            exc: The failed attempt's exception.
+            label: The ``policy`` attribute of the metric when the policy has no ``name``.
+
+        Raises:
+            Exception: Whatever :attr:`on_retry` raises.
+        """
         attributes = {"error.type": type(exc).__qualname__}
-        if self.name is not None:
-            attributes["policy"] = self.name
+        policy = self.name or label
+        if policy is not None:
+            attributes["policy"] = policy
         metrics.counter(_RETRIES, description="Attempts retried by a RetryPolicy").add(
             1, attributes
         )
         if self.on_retry is not None:
             self.on_retry(RetryAttempt(attempt, delay, exc, self.name))
-        await clock.sleep(delay)
 
     def _backoff(self, attempt: int) -> float:
         return backoff_delay(
