@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 import httpx
@@ -35,17 +37,30 @@ from .test_gateway import (
 )
 
 
+def without_denial_extension(app: Any) -> Any:
+    """Wrap ``app`` so it sees a server without the websocket.http.response extension."""
+
+    async def wrapped(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        extensions = dict(scope.get("extensions") or {})
+        extensions.pop("websocket.http.response", None)
+        await app({**scope, "extensions": extensions}, receive, send)
+
+    return wrapped
+
+
 class Host:
     """A Starlette app with the gateway at /ws (ASGI app) and /fn (a function route)."""
 
-    def __init__(self, gateway: WebSocketGateway) -> None:
+    def __init__(self, gateway: WebSocketGateway, *, ws: str = "auto", denial: bool = True) -> None:
         async def route(websocket: WebSocket) -> None:
             await handle_websocket(gateway, websocket)
 
         self.gateway = gateway
-        app = Starlette(
+        app: Any = Starlette(
             routes=[WebSocketRoute("/ws", GatewayEndpoint(gateway)), WebSocketRoute("/fn", route)]
         )
+        if not denial:
+            app = without_denial_extension(app)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
@@ -54,6 +69,7 @@ class Host:
             app,
             lifespan="off",
             log_level="warning",
+            ws=ws,
             ws_ping_interval=None,
             ws_per_message_deflate=False,
         )
@@ -78,11 +94,18 @@ async def host() -> AsyncIterator[Callable[..., Awaitable[Host]]]:
     """A started gateway (native port) plus uvicorn serving it over ASGI; all stopped after."""
     running: list[tuple[WebSocketGateway, Host]] = []
 
-    async def run(settings: Any = None, *, start: bool = True, **kwargs: Any) -> Host:
+    async def run(
+        settings: Any = None,
+        *,
+        start: bool = True,
+        ws: str = "auto",
+        denial: bool = True,
+        **kwargs: Any,
+    ) -> Host:
         gateway = WebSocketGateway(settings or ws_settings(), **kwargs)
         if start:
             await gateway.start("127.0.0.1", 0)
-        served = Host(gateway)
+        served = Host(gateway, ws=ws, denial=denial)
         await served.start()
         running.append((gateway, served))
         return served
@@ -144,6 +167,77 @@ async def test_asgi_refuses_with_503_until_the_gateway_is_started(host) -> None:
     answer = await refused(served.url(), additional_headers=bearer(token()))
     assert answer["status"] == "503"
     assert metrics.value(REFUSED, {"reason": "not_started"}) == 1
+
+
+@contextlib.contextmanager
+def uvicorn_log(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Capture the "uvicorn.error" logger at INFO and above into ``caplog.records``."""
+    logger = logging.getLogger("uvicorn.error")
+    # uvicorn.Config replaces this logger's handlers and stops it propagating to the root logger,
+    # where caplog listens: attach caplog's handler to it directly, once uvicorn is configured.
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+async def asgi_tasks_done(served: Host) -> None:
+    """Wait until uvicorn has run every ASGI task to its end (it logs as each one returns)."""
+    await eventually(lambda: not served.server.server_state.tasks, what="ASGI tasks finished")
+
+
+def handshake_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What uvicorn logged per handshake: the status, or "[accepted]"."""
+    messages = (record.getMessage() for record in caplog.records)
+    return sorted(m.rsplit('" ', 1)[1] for m in messages if '"WebSocket /' in m)
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("ws", ["websockets-sansio", "wsproto"])
+async def test_asgi_refusals_keep_their_status_and_log_no_error(
+    host, caplog: pytest.LogCaptureFixture, ws: str
+) -> None:
+    """401/403/503 reach the client through the denial extension; uvicorn logs them at INFO only."""
+    served = await host(
+        ws_settings(allowed_origins=["https://app.example"], max_connections=1), ws=ws
+    )
+    origin = {"origin": "https://app.example"}
+    foreign = {"origin": "https://evil.example", **bearer(token())}
+    with uvicorn_log(caplog):
+        for path in ("/ws", "/fn"):
+            missing = await refused(served.url(path), additional_headers=origin)
+            assert (missing["status"], missing["www-authenticate"]) == ("401", "Bearer")
+            assert (await refused(served.url(path), additional_headers=foreign))["status"] == "403"
+        async with connect(served.url(), additional_headers={**origin, **bearer(token())}):
+            for path in ("/ws", "/fn"):
+                over = await refused(
+                    served.url(path), additional_headers={**origin, **bearer(token("x"))}
+                )
+                assert over["status"] == "503"
+        await asgi_tasks_done(served)
+    assert errors(caplog) == []
+    assert handshake_lines(caplog) == ["401", "401", "403", "403", "503", "503", "[accepted]"]
+
+
+async def test_asgi_refusal_without_the_denial_extension_is_a_close(
+    host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without websocket.http.response the refusal closes before accept: 403, and no ERROR."""
+    served = await host(denial=False)
+    with uvicorn_log(caplog):
+        for path in ("/ws", "/fn"):
+            answer = await refused(served.url(path))
+            assert answer["status"] == "403"
+            assert "www-authenticate" not in answer
+        await asgi_tasks_done(served)
+    assert errors(caplog) == []
+    assert handshake_lines(caplog) == ["403", "403"]
+    assert metrics.value(REFUSED, {"reason": "unauthorized"}) == 2
 
 
 async def test_plain_http_to_the_endpoint_is_426(host) -> None:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
-from dotmac.communications.config import WebSocketsSettings
+from dotmac.communications.config import CommunicationsConfig, WebSocketsSettings
 from dotmac.communications.errors import (
     AuthenticationError,
     BackendError,
@@ -128,13 +128,15 @@ def test_identity_defaults_to_anonymous_and_normalises_fields() -> None:
     [
         ({"user_id": ""}, ValueError),
         ({"tenant_id": ""}, ValueError),
+        ({"user_id": 5}, TypeError),
+        ({"tenant_id": 7}, TypeError),
         ({"expires_at": float("inf")}, ValueError),
         ({"roles": "admin"}, TypeError),
         ({"roles": [1]}, TypeError),
     ],
 )
 def test_identity_refuses_bad_values(kwargs: dict[str, Any], error: type[Exception]) -> None:
-    """Empty ids, infinite expiry and a bare-string or non-string roles are refused."""
+    """Empty or non-string ids, infinite expiry and a bare-string or non-string roles are refused."""
     with pytest.raises(error):
         Identity(**kwargs)
 
@@ -470,6 +472,8 @@ def test_jwt_configuration_errors(
         (_pem_public(ec_key), {"algorithms": ["RS256"]}, "not usable for RS256"),
         ("not a pem", {"algorithms": ["ES256"]}, "not usable for ES256"),
         (ed25519.Ed25519PrivateKey.generate(), {"algorithms": ["EdDSA"]}, "PUBLIC key"),
+        (SECRET, {"query_param": ""}, "query_param=None"),
+        (SECRET, {"subprotocol": ""}, "subprotocol=None"),
     ]
     for key, kwargs, message in cases:
         with pytest.raises(ConfigurationError, match=message):
@@ -588,25 +592,88 @@ async def test_session_malformed_records(found: Any) -> None:
 
 
 async def test_session_configuration_errors(redis_url: str) -> None:
-    """Exactly one session source, a cookie name and a positive timeout are required."""
+    """Exactly one session source, a matchable cookie name and a finite timeout > 0 are required."""
 
     async def resolve(session_id: str) -> None:
         return None
 
     client = aioredis.Redis.from_url(redis_url)
     try:
-        for kwargs in (
-            {},
-            {"resolve": resolve, "redis_url": redis_url},
-            {"redis_url": redis_url, "redis_client": client},
-            {"resolve": resolve, "cookie_name": ""},
-            {"resolve": resolve, "timeout": 0},
-            {"redis_url": "http://nope"},
+        for kwargs, message in (
+            ({}, "got none"),
+            ({"resolve": resolve, "redis_url": redis_url}, "got resolve and redis_url"),
+            ({"redis_url": redis_url, "redis_client": client}, "got redis_url and redis_client"),
+            ({"resolve": resolve, "cookie_name": ""}, "cookie_name '' can never match"),
+            ({"resolve": resolve, "cookie_name": "sid=x"}, "can never match"),
+            ({"resolve": resolve, "cookie_name": "a;b"}, "can never match"),
+            ({"resolve": resolve, "cookie_name": " sid"}, "can never match"),
+            ({"resolve": resolve, "timeout": 0}, "timeout"),
+            ({"resolve": resolve, "timeout": float("inf")}, "finite"),
+            ({"resolve": resolve, "timeout": float("nan")}, "finite"),
+            ({"redis_url": "http://nope"}, "scheme"),
         ):
-            with pytest.raises(ConfigurationError):
+            with pytest.raises(ConfigurationError, match=message):
                 SessionAuthenticator(**kwargs)
     finally:
         await client.aclose()
+
+
+async def test_session_from_config_with_a_resolver(clock: FakeClock) -> None:
+    """from_config reads session_cookie; a given resolver wins over a configured redis_url."""
+    seen: list[str] = []
+
+    async def resolve(session_id: str) -> Mapping[str, Any]:
+        seen.append(session_id)
+        return {"user_id": "u7"}
+
+    settings = WebSocketsSettings(session_cookie="sid", redis_url="redis://127.0.0.1:1/0")
+    auth = SessionAuthenticator.from_config(settings, resolve, clock=clock)
+    assert auth.cookie_name == "sid"
+    assert (await auth.authenticate(cookie("abc", name="sid"))).user_id == "u7"
+    with pytest.raises(MissingCredentialsError, match="'sid'"):
+        await auth.authenticate(cookie("abc"))
+    assert seen == ["abc"]
+    await auth.aclose()  # nothing to close: no Redis client was created
+
+
+def test_session_from_config_without_resolver_or_redis_url() -> None:
+    """Without a resolver, from_config needs websockets.redis_url and says so."""
+    with pytest.raises(ConfigurationError, match=r"websockets\.redis_url.*resolve"):
+        SessionAuthenticator.from_config(WebSocketsSettings())
+
+
+@pytest.mark.redis
+async def test_session_from_config_with_the_redis_store(
+    redis_url: str, aredis: aioredis.Redis, clock: FakeClock
+) -> None:
+    """session_cookie and session_prefix pick the cookie and the keys; redis_url is inherited."""
+    await aredis.set("app:sess:abc", json.dumps({"user_id": "u1", "tenant_id": "t1"}))
+    await aredis.set("session:abc", json.dumps({"user_id": "decoy"}))
+    config = CommunicationsConfig(
+        redis_url=redis_url,
+        websockets={"session_cookie": "sid", "session_prefix": "app:sess:"},
+    )
+    async with SessionAuthenticator.from_config(config.websockets, clock=clock) as auth:
+        assert (auth.cookie_name, auth.key_prefix) == ("sid", "app:sess:")
+        identity = await auth.authenticate(cookie("abc", name="sid"))
+        assert (identity.user_id, identity.tenant_id) == ("u1", "t1")
+        with pytest.raises(MissingCredentialsError):
+            await auth.authenticate(cookie("abc"))  # the default cookie name is not read
+        await refused(auth, cookie("other", name="sid"))
+
+
+@pytest.mark.redis
+async def test_session_from_config_chained_after_jwt(
+    redis_url: str, aredis: aioredis.Redis, clock: FakeClock
+) -> None:
+    """The documented chain: a JWT when present, else the session cookie from the Redis store."""
+    await aredis.set("session:s1", json.dumps({"user_id": "from-session"}))
+    settings = WebSocketsSettings(jwt_secret=SECRET, redis_url=redis_url)
+    async with SessionAuthenticator.from_config(settings, clock=clock) as sessions:
+        chain = ChainAuthenticator(JWTAuthenticator.from_config(settings, clock=clock), sessions)
+        assert (await chain.authenticate(bearer(token()))).user_id == "u1"
+        assert (await chain.authenticate(cookie("s1"))).user_id == "from-session"
+        await refused(chain, bearer(token(key="x" * 32)))  # a bad token never falls through
 
 
 @pytest.mark.redis

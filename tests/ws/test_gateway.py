@@ -31,7 +31,6 @@ from dotmac.communications.errors import (
 from dotmac.communications.observability import CheckResult, metrics, use_tracer_provider
 from dotmac.communications.websockets import (
     BROADCAST_CHANNEL,
-    GatewayBackend,
     GatewayConnection,
     Identity,
     MemoryBackend,
@@ -146,12 +145,16 @@ async def subscribe(client: ClientConnection, channel: str) -> dict[str, Any]:
     return await recv_json(client)
 
 
-class RecordingBackend(GatewayBackend):
-    """A backend double: records what the gateway tells it; tests play other processes."""
+class RecordingBackend(MemoryBackend):
+    """A backend double: records what the gateway tells it; tests play other processes.
+
+    Presence and history stay the memory backend's.
+    """
 
     name = "recording"
 
     def __init__(self, *, fail_subscribe: set[str] | None = None) -> None:
+        super().__init__()
         self.calls: list[tuple[str, str]] = []
         self.published: list[tuple[str, bytes]] = []
         self.deliver: Deliver | None = None

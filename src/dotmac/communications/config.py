@@ -402,12 +402,38 @@ class WebSocketsSettings(_Section):
     drain_timeout: PositiveSeconds = Field(
         10.0, description="Seconds stop() waits for clients to close (1001) before dropping them."
     )
+    backend: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Fan-out backend: memory (one process) or redis (pub/sub across processes).",
+    )
     redis_url: SecretURL | None = Field(
         None, description="Redis URL for cross-process fan-out; defaults to redis_url."
     )
+    channel_prefix: str = Field(
+        "dotmac:ws",
+        min_length=1,
+        pattern=r"^[^{}\s]+$",
+        description="Prefix of the gateway's Redis keys and pub/sub channels (no braces).",
+    )
+    presence: bool = Field(
+        True, description="Track which users are subscribed to each channel (presence)."
+    )
+    presence_ttl: PositiveSeconds = Field(
+        30.0, description="Seconds a stopped process's users stay in presence (Redis backend)."
+    )
+    history_channels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Channel patterns (shell-style, e.g. hist:*) that keep a history for recovery.",
+    )
+    history_size: int = Field(1000, ge=1, description="Messages kept per history channel.")
+    history_ttl: PositiveSeconds = Field(
+        3600.0, description="Seconds a history channel's messages are kept after the last one."
+    )
 
     _check_url = field_validator("redis_url")(_check_redis_url)
-    _split = field_validator("jwt_algorithms", "allowed_origins", mode="before")(_split_list)
+    _split = field_validator(
+        "jwt_algorithms", "allowed_origins", "history_channels", mode="before"
+    )(_split_list)
 
     @model_validator(mode="before")
     @classmethod
@@ -595,6 +621,11 @@ class CommunicationsConfig(BaseSettings):
             raise ValueError(
                 "events.backend is 'redis' but no Redis URL is set "
                 "(DOTMAC_EVENTS__REDIS_URL or DOTMAC_REDIS_URL)"
+            )
+        if self.websockets.backend == "redis" and self.websockets.redis_url is None:
+            raise ValueError(
+                "websockets.backend is 'redis' but no Redis URL is set "
+                "(DOTMAC_WEBSOCKETS__REDIS_URL or DOTMAC_REDIS_URL)"
             )
         if self.environment == "production" and self.debug:
             raise ValueError("debug must be false when environment is 'production' (DOTMAC_DEBUG)")

@@ -98,7 +98,9 @@ class Identity:
     Raises:
         ValueError: ``user_id`` or ``tenant_id`` is an empty string, or ``expires_at`` is not
             finite.
-        TypeError: ``roles`` is a single string or holds something other than strings.
+        TypeError: ``user_id`` or ``tenant_id`` is neither a string nor ``None`` (convert an
+            integer id with ``str()``), or ``roles`` is a single string or holds something
+            other than strings.
     """
 
     user_id: str | None
@@ -118,6 +120,13 @@ class Identity:
         claims: Mapping[str, Any] | None = None,
         subprotocol: str | None = None,
     ) -> None:
+        for name, value in (("user_id", user_id), ("tenant_id", tenant_id)):
+            # An integer id would name a channel "user:5" that send_to_user("5") never reaches.
+            if value is not None and not isinstance(value, str):
+                raise TypeError(
+                    f"Identity: {name} must be a string or None, got {type(value).__name__} "
+                    f"{value!r} (convert it with str())"
+                )
         if user_id == "" or tenant_id == "":
             raise ValueError("user_id and tenant_id must be None or non-empty strings")
         if expires_at is not None and not math.isfinite(expires_at):
@@ -335,7 +344,8 @@ class JWTAuthenticator:
     Raises:
         ConfigurationError: No or an unusable key (wrong type for the algorithms, a private
             key, an HMAC secret shorter than the hash, an RSA key under 2048 bits), no
-            algorithms, ``none``, an unknown algorithm, mixed families, or a negative leeway.
+            algorithms, ``none``, an unknown algorithm, mixed families, a negative leeway, or
+            an empty ``query_param`` / ``subprotocol`` (``None`` disables a source).
         ImportError: PyJWT or cryptography is missing.
     """
 
@@ -374,6 +384,11 @@ class JWTAuthenticator:
             raise ConfigurationError(f"JWTAuthenticator: leeway must be >= 0, got {leeway!r}")
         if isinstance(secret_or_key, str | bytes) and not secret_or_key:
             raise ConfigurationError("JWTAuthenticator: the secret or key is empty")
+        for name, source in (("query_param", query_param), ("subprotocol", subprotocol)):
+            if source == "":
+                raise ConfigurationError(
+                    f"JWTAuthenticator: {name} is empty; pass {name}=None to disable that source"
+                )
         self._key = _prepare_key(jwt, secret_or_key, algorithms)
         self._jwt = jwt.PyJWT(
             {
@@ -591,7 +606,8 @@ class SessionAuthenticator:
 
     Raises:
         ConfigurationError: Not exactly one of ``resolve``, ``redis_url``, ``redis_client``;
-            an empty cookie name; a non-positive timeout; a bad Redis URL.
+            a cookie name no cookie can have (empty, or with ``=``, ``;`` or surrounding
+            whitespace); a timeout that is not a finite number > 0; a bad Redis URL.
     """
 
     def __init__(
@@ -605,14 +621,26 @@ class SessionAuthenticator:
         timeout: float = 2.0,
         clock: Clock = system_clock,
     ) -> None:
-        if sum(source is not None for source in (resolve, redis_url, redis_client)) != 1:
+        sources = {"resolve": resolve, "redis_url": redis_url, "redis_client": redis_client}
+        given = [name for name, source in sources.items() if source is not None]
+        if len(given) != 1:
             raise ConfigurationError(
-                "SessionAuthenticator: give exactly one of resolve, redis_url, redis_client"
+                "SessionAuthenticator: give exactly one of resolve, redis_url, redis_client; "
+                f"got {' and '.join(given) or 'none'}"
             )
-        if not cookie_name:
-            raise ConfigurationError("SessionAuthenticator: cookie_name must not be empty")
-        if not timeout > 0:
-            raise ConfigurationError(f"SessionAuthenticator: timeout must be > 0, got {timeout}")
+        if (
+            not cookie_name
+            or cookie_name != cookie_name.strip()
+            or any(char in cookie_name for char in "=;")
+        ):
+            raise ConfigurationError(
+                f"SessionAuthenticator: cookie_name {cookie_name!r} can never match a cookie: "
+                "it must be non-empty, without '=', ';' or surrounding whitespace"
+            )
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigurationError(
+                f"SessionAuthenticator: timeout must be a finite number > 0, got {timeout!r}"
+            )
         self._owns_client = redis_url is not None
         self._store: _RedisSessionStore | None = None
         if redis_client is not None:
@@ -628,6 +656,47 @@ class SessionAuthenticator:
         self.key_prefix = key_prefix
         self.timeout = timeout
         self._clock = clock
+
+    @classmethod
+    def from_config(
+        cls,
+        settings: WebSocketsSettings,
+        resolve: SessionResolver | None = None,
+        *,
+        clock: Clock = system_clock,
+    ) -> Self:
+        """Build the authenticator from ``websockets`` settings.
+
+        Reads the session cookie named ``session_cookie``. Sessions are resolved by ``resolve``
+        when given, else read from the Redis store at ``redis_url`` under ``session_prefix``
+        (the gateway does not build one by itself: it cannot guess where sessions live). A
+        ``redis_url`` next to a ``resolve`` is left alone: it may serve other purposes.
+        Everything else keeps its default; close a Redis-backed authenticator with
+        :meth:`aclose`.
+
+        Args:
+            settings: The ``websockets`` section of the configuration.
+            resolve: Host callable resolving a session id.
+            clock: Time source for ``expires_at``.
+
+        Raises:
+            ConfigurationError: No ``resolve`` and no ``redis_url``, or a setting unusable as
+                for the constructor.
+        """
+        if resolve is not None:
+            return cls(resolve, cookie_name=settings.session_cookie, clock=clock)
+        if settings.redis_url is None:
+            raise ConfigurationError(
+                "websockets.redis_url: required for session authentication without a resolve "
+                "callable (DOTMAC_WEBSOCKETS__REDIS_URL or DOTMAC_REDIS_URL); or pass "
+                "SessionAuthenticator.from_config(settings, resolve)"
+            )
+        return cls(
+            cookie_name=settings.session_cookie,
+            redis_url=settings.redis_url,
+            key_prefix=settings.session_prefix,
+            clock=clock,
+        )
 
     async def authenticate(self, request: HandshakeRequest) -> Identity:
         """Resolve the session cookie into an identity.

@@ -34,10 +34,11 @@ from ._protocol import (
     Dispatch,
     Publish,
     Send,
+    StreamPosition,
     Subscribe,
     encode_error,
 )
-from .backends.base import BROADCAST_CHANNEL
+from .backends.base import BROADCAST_CHANNEL, HistoryReplay
 
 if TYPE_CHECKING:
     from ._gateway import WebSocketGateway
@@ -99,7 +100,15 @@ class GatewayConnection:
         identity: Who authenticated at the handshake.
     """
 
-    __slots__ = ("_closing", "_protocol", "_ws", "id", "identity")
+    __slots__ = (
+        "_attached",
+        "_closing",
+        "_presence_channels",
+        "_protocol",
+        "_ws",
+        "id",
+        "identity",
+    )
 
     def __init__(
         self,
@@ -113,6 +122,8 @@ class GatewayConnection:
         self._ws = ws
         self._protocol = protocol
         self._closing = False
+        self._attached: set[str] = set()  # channels the hub delivers to this connection
+        self._presence_channels: set[str] = set()  # ...and those it gets presence frames of
 
     def __repr__(self) -> str:
         return (
@@ -202,7 +213,7 @@ class GatewayConnection:
         """Join the automatic channels and run the on_connect hooks; ``False``: closed instead."""
         try:
             for channel in self._protocol.automatic_channels:
-                await gateway._hub.attach(channel, self._ws)
+                await gateway._attach(self, channel)
         except CommunicationsError as exc:
             log.warning("connection %s: automatic channels unavailable: %s", self.id, exc)
             await self.close(CloseCode.TRY_AGAIN_LATER, "backend unavailable")
@@ -272,18 +283,17 @@ class GatewayConnection:
                 if not await self._write(action.frame):
                     return False
             elif isinstance(action, Subscribe):
-                decided = await self._decide_subscribe(gateway, action)
-                if not await self._carry_out(gateway, decided):
+                if not await self._subscribe(gateway, action):
                     return False
             elif isinstance(action, Attach):
                 try:
-                    await gateway._hub.attach(action.channel, self._ws)
+                    await gateway._attach(self, action.channel, presence=action.presence)
                 except CommunicationsError as exc:
                     log.warning("connection %s: subscribing %r failed: %s", self.id, action, exc)
                     await self.close(CloseCode.TRY_AGAIN_LATER, "backend unavailable")
                     return False
             elif isinstance(action, Detach):
-                await gateway._hub.detach(action.channel, self._ws)
+                await gateway._detach(self, action.channel)
             elif isinstance(action, Publish):
                 reply = await self._client_publish(gateway, action)
                 if reply is not None and not await self._write(reply):
@@ -306,21 +316,94 @@ class GatewayConnection:
             log.exception("authorizer failed on %s of %r", action, channel)
             return None
 
-    async def _decide_subscribe(
-        self, gateway: WebSocketGateway, request: Subscribe
-    ) -> list[Action]:
+    async def _subscribe(self, gateway: WebSocketGateway, request: Subscribe) -> bool:
+        """Decide a subscribe and carry it out; ``False`` once the connection closes."""
         protocol = self._protocol
         channel = request.channel
+        refusal = await self._refusal(gateway, request)
+        if refusal is not None:
+            return await self._carry_out(gateway, protocol.refuse_subscribe(channel, *refusal))
+        if request.since is not None and gateway.is_history_channel(channel):
+            return await self._recover(gateway, request, request.since)
+        # With ``since`` on a channel without history nothing can be recovered.
+        recovered = None if request.since is None else False
+        return await self._carry_out(
+            gateway, protocol.confirm_subscribe(channel, recovered=recovered)
+        )
+
+    async def _refusal(
+        self, gateway: WebSocketGateway, request: Subscribe
+    ) -> tuple[str, str] | None:
+        """Why a subscribe is refused (error code and message), or ``None`` when allowed."""
+        channel = request.channel
         if channel == BROADCAST_CHANNEL:
-            return protocol.refuse_subscribe(
-                channel, FORBIDDEN, "every connection receives broadcasts without subscribing"
-            )
+            return FORBIDDEN, "every connection receives broadcasts without subscribing"
         allowed = True if request.builtin else await self._authorize(gateway, "subscribe", channel)
         if allowed is None:
-            return protocol.refuse_subscribe(channel, INTERNAL_ERROR, "authorization failed")
+            return INTERNAL_ERROR, "authorization failed"
         if not allowed:
-            return protocol.refuse_subscribe(channel, FORBIDDEN, "subscribe refused")
-        return protocol.confirm_subscribe(channel)
+            return FORBIDDEN, "subscribe refused"
+        return None
+
+    async def _recover(
+        self, gateway: WebSocketGateway, request: Subscribe, since: StreamPosition
+    ) -> bool:
+        """Subscribe to a history channel from ``since``: replay, then live, no gap, no repeat.
+
+        Live frames are captured from before the history is read, so every message is either in
+        the replay or captured; captured frames the replay already had (offset up to the last
+        replayed) are dropped. Once the capture is written out, the connection takes the
+        collector's place in the hub in the same event-loop step, so nothing falls between.
+
+        Returns:
+            ``False`` once the connection closes.
+        """
+        channel = request.channel
+        hub = gateway._hub
+        collector = _Collector(self)
+        try:
+            await hub.attach(channel, collector)
+            try:
+                replay = await gateway.backend.read_history(channel, since)
+            except CommunicationsError as exc:
+                log.warning("connection %s: history of %r unavailable: %s", self.id, channel, exc)
+                replay = HistoryReplay([], False, since.offset)
+            actions = self._protocol.confirm_subscribe(channel, recovered=replay.recovered)
+            if not actions:  # unsubscribed meanwhile, or closing
+                return not self._protocol.closed
+            if not await self._write_recovered(actions[-1], replay, collector):
+                return False
+            if request.presence:
+                await gateway._attach_presence(self, channel)
+            # No await may suspend from here to the collector's removal: the hub already has
+            # the channel, so attach and detach complete without waiting.
+            await gateway._attach(self, channel)
+        except CommunicationsError as exc:
+            log.warning("connection %s: subscribing %r failed: %s", self.id, channel, exc)
+            await self.close(CloseCode.TRY_AGAIN_LATER, "backend unavailable")
+            return False
+        finally:
+            await hub.detach(channel, collector)
+        return True
+
+    async def _write_recovered(
+        self, confirmation: Action, replay: HistoryReplay, collector: _Collector
+    ) -> bool:
+        """Write ``subscribed``, the replay, then the captured live frames not replayed."""
+        if not isinstance(confirmation, Send) or not await self._write(confirmation.frame):
+            return False
+        for frame in replay.frames:
+            if not await self._write(frame):
+                return False
+        last = replay.offset if replay.recovered else -1
+        while collector.frames:
+            for text in collector.take():
+                offset = _offset_of(text)
+                if offset is not None and offset <= last:
+                    continue  # already replayed
+                if not await self._write(text.encode()):
+                    return False
+        return True
 
     async def _client_publish(self, gateway: WebSocketGateway, request: Publish) -> bytes | None:
         """Publish a client's message if allowed; return the error frame to answer with, if any."""
@@ -348,3 +431,42 @@ class GatewayConnection:
         except Exception:
             log.exception("on_message handler for %r failed", kind)
             await self._write(encode_error(INTERNAL_ERROR, f"handling {kind!r} failed"))
+
+
+class _Collector:
+    """Stands in the hub for a connection being recovered: keeps the live frames it gets.
+
+    A :class:`~._hub.FrameQueue` member: the hub checks its bytes against the send budget (over
+    it, the connection is closed as a slow consumer) and appends each frame.
+    """
+
+    __slots__ = ("buffered", "frames", "gateway_connection")
+
+    def __init__(self, connection: GatewayConnection) -> None:
+        self.gateway_connection = connection
+        self.frames: list[str] = []
+        self.buffered = 0
+
+    @property
+    def state(self) -> State:
+        """The recovered connection's state."""
+        return self.gateway_connection._ws.state
+
+    def enqueue(self, text: str, size: int) -> None:
+        """Keep one live frame."""
+        self.frames.append(text)
+        self.buffered += size
+
+    def take(self) -> list[str]:
+        """The frames kept so far; empties the collector."""
+        frames, self.frames = self.frames, []
+        self.buffered = 0
+        return frames
+
+
+def _offset_of(text: str) -> int | None:
+    try:
+        offset = orjson.loads(text).get("offset")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return offset if isinstance(offset, int) else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import http
 import itertools
 import logging
@@ -28,6 +29,7 @@ from dotmac.communications.config import WebSocketsSettings
 from dotmac.communications.errors import (
     AuthenticationError,
     BackendError,
+    CommunicationsError,
     ConfigurationError,
     InvalidChannelError,
     OperationTimeoutError,
@@ -70,7 +72,7 @@ from ._protocol import (
     user_channel,
     validate_channel,
 )
-from .backends.base import BROADCAST_CHANNEL, GatewayBackend
+from .backends.base import BROADCAST_CHANNEL, GatewayBackend, ReconnectHook, presence_channel
 from .backends.memory import MemoryBackend
 
 __all__ = [
@@ -97,6 +99,8 @@ _REFUSED = "dotmac.websockets.handshakes.refused"
 _RECEIVED = "dotmac.websockets.messages.received"
 _SENT = "dotmac.websockets.messages.sent"
 _SLOW = "dotmac.websockets.slow_consumers"
+_PRESENCE_RETRY = 1.0  # seconds between attempts to write presence while the backend is down
+_PRESENCE_FLUSH_WAIT = 5.0  # seconds presence() and stop() wait for pending presence writes
 
 
 class WebSocketGateway:
@@ -168,6 +172,13 @@ class WebSocketGateway:
         self._connection_ids = itertools.count(1)
         self._message_ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"  # message ids unique across processes
+        self._history_patterns = tuple(settings.history_channels)
+        self._history_cache: dict[str, bool] = {}
+        # This process's connections per (channel, user), and the counts not yet written.
+        self._presence_counts: dict[tuple[str, str], int] = {}
+        self._presence_dirty: dict[tuple[str, str], int] = {}
+        self._presence_writer: asyncio.Task[None] | None = None
+        self._cluster_tenants: dict[str, int] = {}  # slots taken through the backend
         self._open = metrics.up_down_counter(_CONNECTIONS, unit="{connection}").bind()
         self._opened = metrics.counter(_OPENED, unit="{connection}").bind()
         self._received = metrics.counter(_RECEIVED, unit="{message}").bind()
@@ -179,22 +190,21 @@ class WebSocketGateway:
         """Build a gateway from ``CommunicationsConfig().websockets``.
 
         The authenticator comes from ``jwt_secret`` / ``allow_anonymous`` as in the constructor.
-        The backend is the :class:`MemoryBackend` (one process): a ``redis_url`` in the settings
-        is not used yet (cross-process fan-out comes with ``RedisBackend``), which is logged as
-        a warning so a multi-process deployment does not silently miss messages.
+        The backend follows ``settings.backend``: :class:`MemoryBackend` (one process) or
+        :class:`~dotmac.communications.websockets.backends.redis.RedisBackend` on
+        ``redis_url`` with ``channel_prefix`` and ``presence_ttl``.
 
         Args:
             settings: The ``websockets`` section.
             **kwargs: Further constructor arguments (``authorizer``, ``health``, ``clock``...).
 
         Raises:
-            ConfigurationError: As for the constructor.
+            ConfigurationError: As for the constructor; ``backend`` is ``redis`` without a URL.
         """
-        if settings.redis_url and "backend" not in kwargs:
-            log.warning(
-                "websockets.redis_url is set, but cross-process fan-out (RedisBackend) is not "
-                "built yet: this gateway delivers to its own clients only"
-            )
+        if "backend" not in kwargs and settings.backend == "redis":
+            from .backends.redis import RedisBackend  # noqa: PLC0415 -- only when configured
+
+            kwargs["backend"] = RedisBackend.from_config(settings)
         return cls(settings, **kwargs)
 
     @property
@@ -292,6 +302,9 @@ class WebSocketGateway:
             task.cancel()
         if self._closing_tasks:
             await asyncio.wait(self._closing_tasks, timeout=_STOP_GRACE)
+        await self._flush_presence()  # the leaves of the drained connections
+        if self._presence_writer is not None:
+            self._presence_writer.cancel()
         await self.backend.close()
         log.info("gateway stopped")
 
@@ -341,13 +354,50 @@ class WebSocketGateway:
             return False
         return self._hub.has_subscribers(channel)
 
+    async def presence(self, channel: str) -> dict[str, int]:
+        """The users subscribed to ``channel`` on every process, with their connection count.
+
+        Anonymous connections are not listed. With the Redis backend, processes that stopped
+        heartbeating for ``presence_ttl`` are left out; this process's own changes are written
+        before reading (read-your-writes).
+
+        Raises:
+            InvalidChannelError: ``channel`` is malformed.
+            ConfigurationError: Presence is switched off (``websockets.presence``).
+            BackendUnavailableError: The backend cannot be reached.
+        """
+        validate_channel(channel)
+        if not self.settings.presence:
+            raise ConfigurationError("presence is switched off (websockets.presence=false)")
+        await self._flush_presence()
+        return await self.backend.presence(channel)
+
+    def is_history_channel(self, channel: str) -> bool:
+        """Whether ``channel`` keeps a history (it matches ``websockets.history_channels``)."""
+        known = self._history_cache.get(channel)
+        if known is None:
+            known = any(fnmatch.fnmatchcase(channel, p) for p in self._history_patterns)
+            if len(self._history_cache) < 10_000:
+                self._history_cache[channel] = known
+        return known
+
+    def on_backend_reconnect(self, hook: ReconnectHook) -> ReconnectHook:
+        """Run ``async hook(downtime_seconds)`` after each reconnect of the backend (a decorator).
+
+        Messages published on other processes while the link was down did not reach this
+        process's clients; the hook is where a host tells them to resynchronise.
+        """
+        self.backend.add_reconnect_hook(hook)
+        return hook
+
     async def publish(
         self, channel: str, data: Any, *, exclude: GatewayConnection | None = None
     ) -> int:
         """Send ``data`` as a ``message`` on ``channel`` to every subscriber.
 
         The frame is encoded once, written to local subscribers at once (without waiting for
-        any of them) and handed to the backend for other processes.
+        any of them) and handed to the backend for other processes. On a history channel it is
+        first appended to the history, which gives it its ``offset`` and ``epoch``.
 
         Args:
             channel: The channel; ``"broadcast"`` reaches every connection.
@@ -376,10 +426,17 @@ class WebSocketGateway:
             return delivered
 
     async def _fan_out(self, channel: str, frame: bytes, exclude: GatewayConnection | None) -> int:
+        history = self._history_patterns and self.is_history_channel(channel)
+        if history:  # appended (and carried to the others) first: local clients get the offset
+            settings = self.settings
+            frame = await self.backend.publish_history(
+                channel, frame, size=settings.history_size, ttl=settings.history_ttl
+            )
         delivered = self._hub.deliver(channel, frame, None if exclude is None else exclude._ws)
         if delivered:
             self._sent.add(delivered)
-        await self.backend.publish(channel, frame)
+        if not history:
+            await self.backend.publish(channel, frame)
         return delivered
 
     async def send_to_user(self, user_id: str, data: Any) -> int:
@@ -489,10 +546,14 @@ class WebSocketGateway:
         return response
 
     async def _identify(self, handshake: HandshakeRequest) -> Identity | _Refusal:
-        """Check the origin and the credential: the identity, or the status and reason to refuse."""
+        """Check the origin and the credential: the identity, or the status and reason to refuse.
+
+        With ``max_connections_per_tenant`` and a networked backend, it also takes the tenant's
+        cluster-wide slot (:meth:`_reserve` gives it back if it refuses).
+        """
         try:
             check_origin(handshake, self.settings.allowed_origins)
-            return await self.authenticator.authenticate(handshake)
+            identity = await self.authenticator.authenticate(handshake)
         except AuthenticationError as exc:
             log.debug("handshake from %s refused: %s", handshake.remote_address, exc)
             if exc.status == http.HTTPStatus.FORBIDDEN:
@@ -503,6 +564,9 @@ class WebSocketGateway:
                 "handshake from %s: authentication unavailable: %s", handshake.remote_address, exc
             )
             return http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable"
+        if not await self._reserve_cluster_tenant(identity):
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "tenant_capacity"
+        return identity
 
     def _admit(self, ws: _ServerConnection, identity: Identity) -> Response | None:
         protocol = self._reserve(identity, ws.remote_address)
@@ -514,11 +578,52 @@ class WebSocketGateway:
         ws.gateway = self  # releases the slot when the TCP connection is lost
         return None
 
+    async def _reserve_cluster_tenant(self, identity: Identity) -> bool:
+        """Take a tenant slot across processes (``max_connections_per_tenant``); ``False``: full.
+
+        The local count is checked first; when the backend cannot be reached, the local limit
+        alone applies (logged). :meth:`_reserve` or :meth:`_release` gives the slot back.
+        """
+        tenant = identity.tenant_id
+        limit = self.settings.max_connections_per_tenant
+        if tenant is None or limit is None or isinstance(self.backend, MemoryBackend):
+            return True
+        if self._per_tenant.get(tenant, 0) >= limit:
+            return False
+        try:
+            taken = await self.backend.reserve_tenant(tenant, limit)
+        except CommunicationsError as exc:
+            log.warning("tenant %r: cluster connection count unavailable (%s)", tenant, exc)
+            return True
+        if taken:
+            self._cluster_tenants[tenant] = self._cluster_tenants.get(tenant, 0) + 1
+        return taken
+
+    def _release_cluster_tenant(self, tenant: str | None) -> None:
+        if tenant is None:
+            return
+        held = self._cluster_tenants.get(tenant, 0)
+        if held:
+            if held > 1:
+                self._cluster_tenants[tenant] = held - 1
+            else:
+                del self._cluster_tenants[tenant]
+            self.backend.release_tenant(tenant)
+
     def _reserve(self, identity: Identity, remote_address: Any) -> ConnectionProtocol | _Refusal:
         """Take a connection slot for ``identity``: its protocol, or why it is refused.
 
-        The caller releases the slot with :meth:`_release` once the connection is gone.
+        The caller releases the slot with :meth:`_release` once the connection is gone. A
+        refusal gives back the cluster tenant slot :meth:`_identify` took.
         """
+        refusal = self._reserve_local(identity, remote_address)
+        if not isinstance(refusal, ConnectionProtocol):
+            self._release_cluster_tenant(identity.tenant_id)
+        return refusal
+
+    def _reserve_local(
+        self, identity: Identity, remote_address: Any
+    ) -> ConnectionProtocol | _Refusal:
         settings = self.settings
         if self._draining:
             return http.HTTPStatus.SERVICE_UNAVAILABLE, "draining"
@@ -551,6 +656,7 @@ class WebSocketGateway:
         return protocol
 
     def _release(self, tenant: str | None) -> None:
+        self._release_cluster_tenant(tenant)
         self._reserved -= 1
         if tenant is not None:
             left = self._per_tenant[tenant] - 1
@@ -592,13 +698,95 @@ class WebSocketGateway:
             del self._connections[connection]
             self._open.add(-1)
             for channel in connection.subscriptions:
-                await self._hub.detach(channel, ws)
+                await self._detach(connection, channel)
             for hook in self._disconnect_hooks:
                 try:
                     await hook(connection)
                 # Host code: its failure must not skip the other hooks or the cleanup.
                 except Exception:
                     log.exception("on_disconnect hook failed for connection %s", connection.id)
+
+    # -- subscriptions and presence --------------------------------------------------------
+
+    async def _attach(
+        self, connection: GatewayConnection, channel: str, *, presence: bool = False
+    ) -> None:
+        """Subscribe ``connection`` to ``channel`` (and its presence frames); count presence.
+
+        Raises:
+            BackendUnavailableError: The backend could not subscribe; nothing is subscribed.
+        """
+        if presence:
+            await self._attach_presence(connection, channel)
+        try:
+            await self._hub.attach(channel, connection._ws)
+        except BaseException:
+            if presence:
+                connection._presence_channels.discard(channel)
+                await self._hub.detach(presence_channel(channel), connection._ws)
+            raise
+        connection._attached.add(channel)
+        self._count_presence(channel, connection.identity.user_id, 1)
+
+    async def _attach_presence(self, connection: GatewayConnection, channel: str) -> None:
+        """Also deliver ``channel``'s presence frames to ``connection``.
+
+        Raises:
+            BackendUnavailableError: The backend could not subscribe.
+        """
+        await self._hub.attach(presence_channel(channel), connection._ws)
+        connection._presence_channels.add(channel)
+
+    async def _detach(self, connection: GatewayConnection, channel: str) -> None:
+        """Unsubscribe ``connection`` from ``channel`` (and its presence frames)."""
+        ws = connection._ws
+        if channel not in connection._attached:
+            return
+        connection._attached.discard(channel)
+        await self._hub.detach(channel, ws)
+        if channel in connection._presence_channels:
+            connection._presence_channels.discard(channel)
+            await self._hub.detach(presence_channel(channel), ws)
+        self._count_presence(channel, connection.identity.user_id, -1)
+
+    def _count_presence(self, channel: str, user_id: str | None, change: int) -> None:
+        if user_id is None or not self.settings.presence:
+            return
+        key = (channel, user_id)
+        count = self._presence_counts.get(key, 0) + change
+        if count > 0:
+            self._presence_counts[key] = count
+        else:
+            self._presence_counts.pop(key, None)
+            count = 0
+        self._presence_dirty[key] = count
+        if self._presence_writer is None or self._presence_writer.done():
+            self._presence_writer = asyncio.get_running_loop().create_task(
+                self._write_presence(), name="dotmac-ws-presence-writer"
+            )
+
+    async def _write_presence(self) -> None:
+        """Write the changed counts in batches (one per event-loop turn) until none are left."""
+        while self._presence_dirty:
+            await asyncio.sleep(0)  # gather the changes of this turn (a reconnect storm)
+            batch, self._presence_dirty = self._presence_dirty, {}
+            try:
+                await self.backend.set_presence(batch)
+            except CommunicationsError as exc:
+                log.warning("presence not written (%d change(s)), retrying: %s", len(batch), exc)
+                batch.update(self._presence_dirty)  # newer counts win
+                self._presence_dirty = batch
+                await asyncio.sleep(_PRESENCE_RETRY)
+
+    async def _flush_presence(self) -> None:
+        writer = self._presence_writer
+        if writer is None or writer.done():
+            return
+        try:
+            async with asyncio.timeout(_PRESENCE_FLUSH_WAIT):
+                await asyncio.shield(writer)
+        except TimeoutError:
+            log.warning("presence writes still pending after %.0f s", _PRESENCE_FLUSH_WAIT)
 
     def _on_slow(self, ws: Member) -> None:
         connection = cast("_ServerConnection | _AsgiSocket", ws).gateway_connection
@@ -644,7 +832,8 @@ def _authenticator(settings: WebSocketsSettings, clock: Clock) -> Authenticator:
         raise ConfigurationError(
             "websockets: set jwt_secret (DOTMAC_WEBSOCKETS__JWT_SECRET) to authenticate clients, "
             "or allow_anonymous (DOTMAC_WEBSOCKETS__ALLOW_ANONYMOUS=true) to accept anonymous "
-            "ones (development only), or pass an authenticator"
+            "ones (development only), or pass an authenticator (session cookies: "
+            "authenticator=SessionAuthenticator.from_config(settings, resolve))"
         )
     return jwt_auth
 

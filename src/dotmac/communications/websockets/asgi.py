@@ -17,7 +17,10 @@ backend the hub fans out from. Until then, and while it drains, handshakes are r
 Refusals happen before the upgrade. With the ASGI ``websocket.http.response`` extension (uvicorn,
 hypercorn, daphne) the client sees the gateway's own status: 401 with ``WWW-Authenticate: Bearer``,
 403 for an origin, 503 for limits. Without it the only refusal ASGI offers is closing before
-accept, which servers answer with **HTTP 403** whatever the reason.
+accept, which servers answer with **HTTP 403** whatever the reason. uvicorn logs a refusal at
+INFO. The exception is uvicorn terminating TLS itself with its default ``websockets-sansio``
+protocol: there it also logs a spurious ERROR, "ASGI callable returned without completing
+handshake" (Kludex/uvicorn#3138). Terminate TLS in a proxy, or run ``--ws wsproto``.
 
 ASGI gives the application no transport to measure, so each connection writes through a queue
 that a writer task empties with ``websocket.send``; the hub checks the queued bytes against
@@ -173,6 +176,14 @@ async def _refuse(
             await send({"type": f"{_HTTP_RESPONSE}.start", "status": status, "headers": headers})
             body = f"{http.HTTPStatus(status).phrase}\n".encode()
             await send({"type": f"{_HTTP_RESPONSE}.body", "body": body})
+            # uvicorn's websockets-sansio protocol (its default when websockets is installed)
+            # counts a denial response as a completed handshake only once its transport reports
+            # the connection lost, which closing the transport after the body schedules for the
+            # next loop turn. An app that returns first gets "ASGI callable returned without
+            # completing handshake" logged at ERROR for every refusal (Kludex/uvicorn#3138), so
+            # give that callback its turn. A TLS transport reports the loss only after the TLS
+            # close exchange, which one turn does not cover.
+            await asyncio.sleep(0)
         else:
             await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
     except OSError:  # ASGI servers raise an OSError from send once the client is gone

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+from dotmac.communications._clock import Clock, system_clock
 from dotmac.communications.errors import WebSocketError
+from dotmac.communications.websockets._protocol import StreamPosition
 
-from .base import Deliver, GatewayBackend
+from .base import Deliver, GatewayBackend, HistoryReplay, new_epoch, with_position
 
 __all__ = ["MemoryBackend"]
+
+
+@dataclass(slots=True)
+class _History:
+    epoch: str
+    size: int
+    ttl: float
+    last_time: float
+    offset: int = 0  # of the last message appended
+    frames: deque[tuple[int, bytes]] = field(default_factory=deque)
 
 
 class MemoryBackend(GatewayBackend):
@@ -16,14 +31,22 @@ class MemoryBackend(GatewayBackend):
 
     :meth:`publish` has nobody to carry a frame to (the gateway already delivered it to every
     local subscriber), so it does nothing. The channels the gateway reported are kept in
-    :attr:`channels`, which shows what a networked backend would be subscribed to.
+    :attr:`channels`, which shows what a networked backend would be subscribed to. Presence and
+    history live in this process's memory (history is lost with it: a restarted gateway starts
+    a new epoch, and clients get ``recovered: false``).
+
+    Args:
+        clock: Time source for the history TTL.
     """
 
     name: ClassVar[str] = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = system_clock) -> None:
+        self._clock = clock
         self._channels: set[str] = set()
         self._deliver: Deliver | None = None
+        self._presence: dict[str, dict[str, int]] = {}
+        self._history: dict[str, _History] = {}
 
     @property
     def channels(self) -> frozenset[str]:
@@ -41,9 +64,10 @@ class MemoryBackend(GatewayBackend):
         self._deliver = deliver
 
     async def close(self) -> None:
-        """Forget the gateway and its channels."""
+        """Forget the gateway, its channels and presence (history stays until the TTL)."""
         self._deliver = None
         self._channels.clear()
+        self._presence.clear()
 
     async def publish(self, channel: str, frame: bytes) -> None:
         """Nothing to do: there is no other process."""
@@ -55,3 +79,62 @@ class MemoryBackend(GatewayBackend):
     async def unsubscribe_channel(self, channel: str) -> None:
         """Record that ``channel`` lost its last local subscriber."""
         self._channels.discard(channel)
+
+    # -- presence --------------------------------------------------------------------------
+
+    async def set_presence(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Record the counts; announce users whose count went from or to zero."""
+        deliver = self._deliver
+        for (channel, user_id), count in counts.items():
+            users = self._presence.setdefault(channel, {})
+            before = users.get(user_id, 0)
+            if count > 0:
+                users[user_id] = count
+            else:
+                users.pop(user_id, None)
+                if not users:
+                    del self._presence[channel]
+            if deliver is None or (before > 0) == (count > 0):
+                continue
+            self._announce(deliver, channel, user_id, "join" if count > 0 else "leave")
+
+    async def presence(self, channel: str) -> dict[str, int]:
+        """The users subscribed to ``channel`` here, with their connection count."""
+        return dict(self._presence.get(channel, {}))
+
+    # -- history ---------------------------------------------------------------------------
+
+    def _live_history(self, channel: str) -> _History | None:
+        history = self._history.get(channel)
+        if history is not None and self._clock.time() - history.last_time > history.ttl:
+            del self._history[channel]
+            return None
+        return history
+
+    async def publish_history(self, channel: str, frame: bytes, *, size: int, ttl: float) -> bytes:
+        """Append ``frame`` with the next offset; the epoch changes once the history expired."""
+        now = self._clock.time()
+        history = self._live_history(channel)
+        if history is None:
+            history = self._history[channel] = _History(new_epoch(), size, ttl, now)
+        history.last_time = now
+        history.size = size
+        history.ttl = ttl
+        history.offset += 1
+        positioned = with_position(frame, history.offset, history.epoch)
+        frames = history.frames
+        frames.append((history.offset, positioned))
+        while len(frames) > size:
+            frames.popleft()
+        return positioned
+
+    async def read_history(self, channel: str, since: StreamPosition) -> HistoryReplay:
+        """Replay what follows ``since`` when it is still in history and of the same epoch."""
+        history = self._live_history(channel)
+        if history is None or history.epoch != since.epoch or since.offset > history.offset:
+            return HistoryReplay([], False, since.offset)
+        first = history.frames[0][0] if history.frames else history.offset + 1
+        if since.offset < first - 1:  # messages after the position were trimmed away
+            return HistoryReplay([], False, since.offset)
+        frames = [frame for offset, frame in history.frames if offset > since.offset]
+        return HistoryReplay(frames, True, history.offset)

@@ -1,0 +1,909 @@
+r"""Fan-out, presence, history and tenant counts across gateway processes, on Redis.
+
+**Fan-out.** Each gateway channel with local subscribers is one Redis pub/sub channel,
+``{prefix}:{<channel>}`` (hash-tagged, ready for sharded pub/sub), subscribed on one dedicated
+listener connection; a process receives only what it has clients for. A published frame travels
+in a small envelope — the sending process's node id (a process skips its own frames: it already
+delivered them), the send time (the ``dotmac.websockets.backend.lag`` histogram) and the W3C
+``traceparent`` — separated by ``\\x1f`` bytes, which JSON text never contains. Publishes that
+overlap are sent in one pipeline; subscribes and unsubscribes made in one event-loop turn go out
+as one command each, in call order.
+
+**Reconnects.** When the listener's connection drops (or stops answering its pings), the
+backend logs an error, reports ``warn`` then ``fail`` in health, reconnects with exponential
+backoff and jitter, resubscribes every channel in batches, counts the reconnect in
+``dotmac.websockets.backend.reconnects`` and runs the reconnect hooks with the downtime.
+Frames published elsewhere while the link was down are not received (pub/sub keeps nothing);
+clients of history channels recover them by resubscribing with ``since``.
+
+**Presence.** ``{prefix}:{<channel>}:presence`` is a hash ``user -> "node=count;..."`` written by
+each process for its own connections (absolute counts, so a write can be repeated). Processes
+heartbeat into ``{prefix}:nodes`` (a sorted set scored by Redis time) every third of
+``presence_ttl``; readers ignore processes silent for longer than ``presence_ttl``, and a live
+process sweeps a dead one's entries (announcing ``leave`` for users who had no other
+connection). A process that finds itself swept (it was paused too long) writes its entries back.
+
+**History.** A history channel's messages are appended by one Lua script that takes the next
+offset from ``{prefix}:{<channel>}:meta``, adds ``offset`` and ``epoch`` to the frame, appends it
+to the stream ``{prefix}:{<channel>}:history`` (entry id ``<offset>-1``, exact ``MAXLEN``) and
+publishes it — atomically, so the live and the stored order are the same. The stream and its
+meta expire ``history_ttl`` after the last message; a new history gets a new epoch.
+
+**Tenants.** ``{prefix}:tenant:<id>`` is a hash ``node -> connections``; a handshake takes a
+slot with a Lua script that counts live processes only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random as _random
+import secrets
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
+
+import redis.asyncio as aioredis
+from opentelemetry.trace import SpanKind
+
+from dotmac.communications._clock import Clock, system_clock
+from dotmac.communications._redis import (
+    bounded_redis_call,
+    create_redis_client,
+    redact_url,
+    tagged_key,
+)
+from dotmac.communications.config import WebSocketsSettings
+from dotmac.communications.errors import (
+    CommunicationsError,
+    ConfigurationError,
+    WebSocketError,
+)
+from dotmac.communications.observability import CheckResult, metrics, tracing
+from dotmac.communications.resilience import backoff_delay
+from dotmac.communications.websockets._protocol import StreamPosition
+
+from .base import (
+    Deliver,
+    GatewayBackend,
+    HistoryReplay,
+    ReconnectHook,
+    new_epoch,
+    presence_channel,
+)
+
+__all__ = ["RedisBackend"]
+
+log = logging.getLogger("dotmac.communications.websockets")
+
+_SEP: Final = b"\x1f"
+_SUBSCRIBE_BATCH: Final = 1000  # channels per SUBSCRIBE when resubscribing everything
+_PING_INTERVAL: Final = 5.0  # seconds between pings on the listener connection
+_STALE_AFTER: Final = 3 * _PING_INTERVAL  # silent this long: the listener link is dead
+_FAIL_AFTER: Final = 5.0  # seconds disconnected before health says fail (warn before)
+_RECONNECTS = "dotmac.websockets.backend.reconnects"
+_LAG = "dotmac.websockets.backend.lag"
+_CONNECTED = "dotmac.websockets.backend.connected"
+
+# KEYS[1]: nodes zset. ARGV: node, ttl ms. Returns {was_new, alive nodes..., "", dead nodes...}.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local added = redis.call('ZADD', KEYS[1], now, ARGV[1])
+local out = {added}
+for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')) do
+  out[#out + 1] = n
+end
+out[#out + 1] = ''
+local cutoff = '(' .. (now - tonumber(ARGV[2]))
+for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)) do
+  out[#out + 1] = n
+end
+return out
+"""
+# KEYS[1]: nodes zset. ARGV: ttl ms. Returns the live nodes.
+_ALIVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')
+"""
+# KEYS[1]: a channel's presence hash. ARGV: node, then user, count pairs. Sets this node's count
+# of each user; returns user, "join"|"leave" pairs for users whose total went from/to zero.
+_PRESENCE_SET = """
+local node = ARGV[1]
+local out = {}
+for i = 2, #ARGV, 2 do
+  local user, count = ARGV[i], tonumber(ARGV[i + 1])
+  local value = redis.call('HGET', KEYS[1], user)
+  local before, others, parts = 0, 0, {}
+  if value then
+    for n, c in string.gmatch(value, '([^=;]+)=(%d+)') do
+      before = before + tonumber(c)
+      if n ~= node then
+        others = others + tonumber(c)
+        parts[#parts + 1] = n .. '=' .. c
+      end
+    end
+  end
+  if count > 0 then parts[#parts + 1] = node .. '=' .. count end
+  if #parts > 0 then
+    redis.call('HSET', KEYS[1], user, table.concat(parts, ';'))
+  else
+    redis.call('HDEL', KEYS[1], user)
+  end
+  local after = others + count
+  if before == 0 and after > 0 then
+    out[#out + 1] = user; out[#out + 1] = 'join'
+  elseif before > 0 and after == 0 then
+    out[#out + 1] = user; out[#out + 1] = 'leave'
+  end
+end
+return out
+"""
+# KEYS[1]: a channel's presence hash. ARGV: a dead node. Removes its counts; returns the users
+# left with none.
+_PRESENCE_DROP = """
+local node = ARGV[1]
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local parts, total, mine = {}, 0, false
+  for n, c in string.gmatch(all[i + 1], '([^=;]+)=(%d+)') do
+    if n == node then mine = true else
+      parts[#parts + 1] = n .. '=' .. c
+      total = total + tonumber(c)
+    end
+  end
+  if mine then
+    if #parts > 0 then
+      redis.call('HSET', KEYS[1], all[i], table.concat(parts, ';'))
+    else
+      redis.call('HDEL', KEYS[1], all[i])
+    end
+    if total == 0 then out[#out + 1] = all[i] end
+  end
+end
+return out
+"""
+# KEYS: stream, meta. ARGV: frame, size, ttl ms, epoch if new, pub/sub channel, envelope head.
+_HISTORY_PUBLISH = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
+local frame = string.sub(ARGV[1], 1, -2) .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-1', 'f', frame)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. frame)
+return frame
+"""
+# KEYS: stream, meta. ARGV: since offset, since epoch.
+# Returns {} (no history), {epoch, top} (other epoch / ahead), {epoch, top, 0} (trimmed) or
+# {epoch, top, 1, frames...}.
+_HISTORY_READ = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then return {} end
+local top = tonumber(redis.call('HGET', KEYS[2], 'offset'))
+local since = tonumber(ARGV[1])
+if epoch ~= ARGV[2] or since > top then return {epoch, top} end
+local first = top + 1
+local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #head > 0 then first = tonumber(string.match(head[1][1], '^(%d+)')) end
+if since < first - 1 then return {epoch, top, 0} end
+local out = {epoch, top, 1}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], (since + 1) .. '-0', '+')) do
+  out[#out + 1] = entry[2][2]
+end
+return out
+"""
+# KEYS[1]: a tenant's hash. ARGV: node, limit, dead nodes... Takes a slot if one is free. Nodes
+# not known dead count (a process that just started is not missed).
+_TENANT_RESERVE = """
+local dead = {}
+for i = 3, #ARGV do dead[ARGV[i]] = true end
+local total = 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if not dead[all[i]] then total = total + tonumber(all[i + 1]) end
+end
+if total >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+return 1
+"""
+
+
+class RedisBackend(GatewayBackend):
+    """Carry a gateway's messages, presence, history and tenant counts across processes.
+
+    Args:
+        url: Redis URL (``redis://`` or ``rediss://``); or pass ``client``.
+        client: An asyncio redis-py client to use instead (not closed by :meth:`close`).
+        prefix: Prefix of every key and pub/sub channel (no braces); gateways that should reach
+            each other use the same one.
+        presence_ttl: Seconds after which a silent process's users leave presence.
+        operation_timeout: Deadline of each Redis operation, in seconds.
+        reconnect_max_delay: Largest wait between two reconnect attempts, in seconds.
+        clock: Time source for the lag metric and the health report.
+        random: Randomness for the reconnect jitter (tests seed it).
+
+    Raises:
+        ConfigurationError: Neither ``url`` nor ``client`` is given, ``prefix`` has a brace or
+            a number is not positive.
+    """
+
+    name: ClassVar[str] = "redis"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: aioredis.Redis | None = None,
+        prefix: str = "dotmac:ws",
+        presence_ttl: float = 30.0,
+        operation_timeout: float = 5.0,
+        reconnect_max_delay: float = 5.0,
+        clock: Clock = system_clock,
+        random: _random.Random | None = None,
+    ) -> None:
+        if client is None and not url:
+            raise ConfigurationError("RedisBackend needs a Redis url or a client")
+        if not prefix or "{" in prefix or "}" in prefix or any(c.isspace() for c in prefix):
+            raise ConfigurationError(
+                f"RedisBackend prefix must be non-empty, without braces or spaces: {prefix!r}"
+            )
+        for label, value in (
+            ("presence_ttl", presence_ttl),
+            ("operation_timeout", operation_timeout),
+            ("reconnect_max_delay", reconnect_max_delay),
+        ):
+            if not value > 0:
+                raise ConfigurationError(f"RedisBackend {label} must be positive, got {value!r}")
+        self._owns_client = client is None
+        self.client = client if client is not None else create_redis_client(url or "")
+        self._url = redact_url(url) if url else "client"
+        self.prefix = prefix
+        self.presence_ttl = presence_ttl
+        self._timeout = operation_timeout
+        self._reconnect_max_delay = reconnect_max_delay
+        self._clock = clock
+        self._random = random if random is not None else _random.Random()  # noqa: S311 -- jitter
+        self.node_id = secrets.token_hex(8)
+        self._node = self.node_id.encode()
+        self._nodes_key = tagged_key(prefix, "nodes")
+        self._node_keys = tagged_key(prefix, "node", self.node_id)
+        self._heartbeat = self.client.register_script(_HEARTBEAT)
+        self._alive_script = self.client.register_script(_ALIVE)
+        self._presence_set = self.client.register_script(_PRESENCE_SET)
+        self._presence_drop = self.client.register_script(_PRESENCE_DROP)
+        self._history_publish = self.client.register_script(_HISTORY_PUBLISH)
+        self._history_read = self.client.register_script(_HISTORY_READ)
+        self._tenant_reserve = self.client.register_script(_TENANT_RESERVE)
+        self._deliver: Deliver | None = None
+        self._closed = False
+        # Pub/sub channel name -> gateway channel, for every channel wanted now.
+        self._wanted: dict[bytes, str] = {}
+        self._acks: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._ops: list[tuple[str, bytes]] = []
+        self._flush_scheduled = False
+        self._conn: Any = None  # the listener's connection while it is up
+        self._connected = asyncio.Event()
+        self._down_since: float | None = None  # monotonic time the link was lost
+        self._last_seen = 0.0
+        self._reconnects = 0
+        self._reconnect_hooks: list[ReconnectHook] = []
+        self._outbox: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        self._outbox_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._presence_counts: dict[tuple[str, str], int] = {}
+        self._tenant_counts: dict[str, int] = {}
+        self._pending_tenants: dict[str, int] = {}
+        self._release_scheduled = False
+        self._dead: tuple[str, ...] = ()  # processes silent past presence_ttl, at the last beat
+        self._beaten = False
+        self._reconnect_counter = metrics.counter(_RECONNECTS, unit="{reconnect}").bind()
+        self._lag = metrics.histogram(_LAG, unit="s").bind()
+        self._connected_gauge = metrics.up_down_counter(_CONNECTED, unit="1").bind()
+
+    @classmethod
+    def from_config(cls, settings: WebSocketsSettings, **kwargs: Any) -> RedisBackend:
+        """Build the backend from the ``websockets`` settings.
+
+        Uses ``redis_url``, ``channel_prefix`` and ``presence_ttl``.
+
+        Raises:
+            ConfigurationError: ``settings.redis_url`` is not set.
+        """
+        if settings.redis_url is None:
+            raise ConfigurationError(
+                "websockets.backend is 'redis' but no Redis URL is set "
+                "(DOTMAC_WEBSOCKETS__REDIS_URL or DOTMAC_REDIS_URL)"
+            )
+        kwargs.setdefault("prefix", settings.channel_prefix)
+        kwargs.setdefault("presence_ttl", settings.presence_ttl)
+        return cls(settings.redis_url, **kwargs)
+
+    # -- names -----------------------------------------------------------------------------
+
+    def _pubsub_name(self, channel: str) -> bytes:
+        return f"{self.prefix}:{{{channel}}}".encode()
+
+    def _key(self, channel: str, kind: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:{kind}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the listener is connected (frames from other processes arrive)."""
+        return self._connected.is_set()
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the listener's link came back after a loss."""
+        return self._reconnects
+
+    async def start(self, deliver: Deliver) -> None:
+        """Register this process, connect the listener and start the background tasks.
+
+        Raises:
+            WebSocketError: Already started.
+            BackendUnavailableError: Redis cannot be reached.
+        """
+        if self._deliver is not None or self._closed:
+            raise WebSocketError("RedisBackend is already started (one gateway per backend)")
+        await self._beat()  # fails fast when Redis is away
+        self._deliver = deliver
+        loop = asyncio.get_running_loop()
+        listener = loop.create_task(self._listen(), name="dotmac-ws-redis-listener")
+        self._tasks = [
+            listener,
+            loop.create_task(self._send_outbox(), name="dotmac-ws-redis-publisher"),
+            loop.create_task(self._housekeeping(), name="dotmac-ws-redis-housekeeping"),
+        ]
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._connected.wait()
+        except TimeoutError:
+            await self.close()
+            from dotmac.communications.errors import BackendUnavailableError  # noqa: PLC0415
+
+            raise BackendUnavailableError(
+                f"RedisBackend: the pub/sub listener could not connect to {self._url}"
+            ) from None
+        log.info("gateway Redis backend connected to %s as node %s", self._url, self.node_id)
+
+    async def close(self) -> None:
+        """Stop the tasks, withdraw this process's presence and tenant counts, disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self._drop_connection()
+        for futures in self._acks.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+        self._acks.clear()
+        for *_, future in self._outbox:
+            if not future.done():
+                future.set_exception(WebSocketError("RedisBackend closed"))
+        self._outbox.clear()
+        if self._deliver is not None:
+            try:  # leave at once rather than after presence_ttl
+                async with bounded_redis_call("gateway backend close", self._timeout):
+                    await self._sweep_node(self.node_id, announce=False)
+                    await self.client.zrem(self._nodes_key, self.node_id)
+            except CommunicationsError as exc:
+                log.warning("gateway backend close: presence not withdrawn: %s", exc)
+        self._deliver = None
+        if self._owns_client:
+            await self.client.aclose()
+
+    def add_reconnect_hook(self, hook: ReconnectHook) -> None:
+        """Run ``hook(downtime_seconds)`` after each reconnect of the listener."""
+        self._reconnect_hooks.append(hook)
+
+    async def check(self) -> CheckResult:
+        """``pass`` while connected; ``warn`` just after a loss, ``fail`` after 5 s down."""
+        if self._deliver is None:
+            return CheckResult("fail", "backend not started", component_type="datastore")
+        if self.connected:
+            return CheckResult(
+                "pass",
+                observed_value=self._reconnects,
+                observed_unit="reconnects",
+                component_type="datastore",
+            )
+        down = 0.0 if self._down_since is None else self._clock.monotonic() - self._down_since
+        return CheckResult(
+            "fail" if down >= _FAIL_AFTER else "warn",
+            f"Redis pub/sub link down for {down:.1f} s (reconnecting to {self._url}): "
+            "messages from other processes are not received",
+            component_type="datastore",
+        )
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _envelope_head(self) -> bytes:
+        traceparent = b""
+        if tracing.is_active():
+            traceparent = (tracing.current_traceparent() or "").encode()
+        return b"%s\x1f%d\x1f%s\x1f" % (self._node, int(self._clock.time() * 1000), traceparent)
+
+    async def publish(self, channel: str, frame: bytes) -> None:
+        """Send ``frame`` to the other processes (pipelined with overlapping publishes).
+
+        Raises:
+            BackendUnavailableError: Redis cannot be reached.
+            OperationTimeoutError: Redis did not answer within ``operation_timeout``.
+        """
+        if self._deliver is None:
+            raise WebSocketError("RedisBackend is not started")
+        future = asyncio.get_running_loop().create_future()
+        self._outbox.append((self._pubsub_name(channel), self._envelope_head() + frame, future))
+        self._outbox_ready.set()
+        await future
+
+    async def _send_outbox(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            if not batch:
+                continue
+            try:
+                async with bounded_redis_call("gateway publish", self._timeout):
+                    if len(batch) == 1:
+                        await self.client.publish(batch[0][0], batch[0][1])
+                    else:
+                        async with self.client.pipeline(transaction=False) as pipe:
+                            for name, payload, _ in batch:
+                                pipe.publish(name, payload)
+                            await pipe.execute()
+            except CommunicationsError as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for *_, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    async def subscribe_channel(self, channel: str) -> None:
+        """Subscribe ``channel`` and wait for Redis to confirm it.
+
+        While the link is down the channel is only recorded: it is subscribed with the others
+        on reconnect. A confirmation that takes longer than ``operation_timeout`` is not waited
+        for (the channel stays subscribed).
+        """
+        name = self._pubsub_name(channel)
+        self._wanted[name] = channel
+        if not self.connected:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._acks.setdefault(name, deque()).append(future)
+        self._queue_op("SUBSCRIBE", name)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await asyncio.shield(future)
+        except TimeoutError:
+            log.warning("Redis did not confirm the subscription of %r in time", channel)
+
+    async def unsubscribe_channel(self, channel: str) -> None:
+        """Unsubscribe ``channel`` (not waited for: frames arriving meanwhile are dropped)."""
+        name = self._pubsub_name(channel)
+        if self._wanted.pop(name, None) is not None and self.connected:
+            self._queue_op("UNSUBSCRIBE", name)
+
+    def _queue_op(self, command: str, name: bytes) -> None:
+        self._ops.append((command, name))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_ops)
+
+    def _flush_ops(self) -> None:
+        """Send the queued (un)subscribes as one write: runs of one command become one command."""
+        self._flush_scheduled = False
+        ops, self._ops = self._ops, []
+        conn = self._conn
+        if conn is None or not ops:
+            return  # down: everything wanted is subscribed on reconnect
+        commands: list[list[Any]] = []
+        for command, name in ops:
+            if commands and commands[-1][0] == command:
+                commands[-1].append(name)
+            else:
+                commands.append([command, name])
+        self._write_soon(conn, conn.pack_commands(commands))
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+
+    async def _write(self, conn: Any, packed: list[bytes]) -> None:
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+        except Exception as exc:  # noqa: BLE001 -- the listener notices and reconnects
+            log.debug("writing to the Redis listener connection failed: %s", exc)
+            if conn is self._conn:
+                self._drop_connection()
+
+    # -- the listener ----------------------------------------------------------------------
+
+    def _new_connection(self) -> Any:
+        pool = self.client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["socket_timeout"] = None  # reads block: liveness comes from pings
+        return pool.connection_class(**kwargs)
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if self._connected.is_set():
+            self._connected.clear()
+            self._connected_gauge.add(-1)
+            self._down_since = self._clock.monotonic()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                writer = getattr(conn, "_writer", None)
+                if writer is not None:
+                    writer.transport.abort()
+
+    async def _listen(self) -> None:
+        attempt = 0
+        while not self._closed:
+            conn = self._new_connection()
+            went_live = False
+            try:
+                async with bounded_redis_call("gateway listener connect", self._timeout):
+                    await conn.connect()
+                self._go_live(conn)
+                went_live = True
+                attempt = 0
+                await self._read(conn)
+            except asyncio.CancelledError:
+                self._drop_connection()
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+                raise
+            except Exception as exc:  # noqa: BLE001 -- any failure: reconnect with backoff
+                self._drop_connection()
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+                if went_live:
+                    log.error(  # noqa: TRY400 -- loud, but a dropped link needs no traceback
+                        "gateway lost its Redis pub/sub link (%s): %s; reconnecting",
+                        self._url,
+                        exc,
+                    )
+                else:
+                    log.warning("gateway Redis listener cannot connect (%s): %s", self._url, exc)
+            self._fail_pending_acks()
+            attempt += 1
+            await asyncio.sleep(
+                backoff_delay(
+                    attempt,
+                    initial_delay=0.05,
+                    max_delay=self._reconnect_max_delay,
+                    random=self._random,
+                )
+            )
+
+    def _fail_pending_acks(self) -> None:
+        # Waiting subscribers return: their channels are resubscribed on reconnect.
+        for futures in self._acks.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+        self._acks.clear()
+
+    def _go_live(self, conn: Any) -> None:
+        """Mark the link up and send every wanted channel (one write, batched SUBSCRIBEs)."""
+        self._conn = conn
+        self._last_seen = self._clock.monotonic()
+        names = list(self._wanted)
+        if names:
+            commands = [
+                ["SUBSCRIBE", *names[i : i + _SUBSCRIBE_BATCH]]
+                for i in range(0, len(names), _SUBSCRIBE_BATCH)
+            ]
+            self._write_soon(conn, conn.pack_commands(commands))
+        self._connected.set()
+        self._connected_gauge.add(1)
+        down_since, self._down_since = self._down_since, None
+        if down_since is not None:
+            downtime = self._clock.monotonic() - down_since
+            self._reconnects += 1
+            self._reconnect_counter.add()
+            log.warning(
+                "gateway Redis pub/sub link back after %.1f s; %d channel(s) resubscribed",
+                downtime,
+                len(names),
+            )
+            for hook in self._reconnect_hooks:
+                self._write_soon_task(self._run_hook(hook, downtime))
+
+    async def _run_hook(self, hook: ReconnectHook, downtime: float) -> None:
+        try:
+            await hook(downtime)
+        # Host code: a failing hook is logged and does not stop the listener.
+        except Exception:
+            log.exception("on_backend_reconnect hook failed")
+
+    async def _read(self, conn: Any) -> None:
+        deliver = self._deliver
+        if deliver is None:
+            return
+        wanted = self._wanted
+        acks = self._acks
+        node = self._node
+        clock = self._clock
+        while True:
+            response = await conn.read_response(timeout=None, push_request=True)
+            self._last_seen = clock.monotonic()
+            kind = response[0]
+            if kind == b"message":
+                payload: bytes = response[2]
+                origin, sent, traceparent, frame = payload.split(_SEP, 3)
+                if origin == node:
+                    continue
+                channel = wanted.get(response[1])
+                if channel is None:
+                    continue  # unsubscribed meanwhile
+                self._lag.record(max(0.0, clock.time() - int(sent) / 1000))
+                if traceparent and tracing.is_active():
+                    context = tracing.extract_context({"traceparent": traceparent.decode()})
+                    with tracing.span(
+                        "websocket.deliver",
+                        {"messaging.destination.name": channel, "messaging.system": "redis"},
+                        kind=SpanKind.CONSUMER,
+                        context=context,
+                    ) as span:
+                        span.set_attribute("dotmac.websocket.deliveries", deliver(channel, frame))
+                else:
+                    deliver(channel, frame)
+            elif kind == b"subscribe":
+                futures = acks.get(response[1])
+                if futures:
+                    future = futures.popleft()
+                    if not futures:
+                        del acks[response[1]]
+                    if not future.done():
+                        future.set_result(None)
+
+    # -- housekeeping: pings, heartbeats, sweeping dead processes ----------------------------
+
+    async def _housekeeping(self) -> None:
+        beat_every = self.presence_ttl / 3
+        next_beat = self._clock.monotonic() + beat_every
+        while True:
+            await asyncio.sleep(min(_PING_INTERVAL, beat_every))
+            conn = self._conn
+            now = self._clock.monotonic()
+            if conn is not None:
+                if now - self._last_seen > _STALE_AFTER:
+                    log.error(
+                        "gateway Redis pub/sub link silent for %.0f s; reconnecting",
+                        now - self._last_seen,
+                    )
+                    self._drop_connection()
+                else:
+                    self._write_soon(conn, conn.pack_commands([["PING"]]))
+            if now >= next_beat:
+                next_beat = now + beat_every
+                try:
+                    await self._beat()
+                    if self._pending_tenants:
+                        await self._write_releases()
+                except CommunicationsError as exc:
+                    log.warning("gateway presence heartbeat failed: %s", exc)
+
+    def _write_soon(self, conn: Any, packed: list[bytes]) -> None:
+        self._write_soon_task(self._write(conn, packed))
+
+    async def _beat(self) -> None:
+        """Heartbeat; sweep dead processes; write everything back if this one was swept."""
+        ttl_ms = int(self.presence_ttl * 1000)
+        async with bounded_redis_call("gateway heartbeat", self._timeout):
+            reply = await self._heartbeat(keys=[self._nodes_key], args=[self.node_id, ttl_ms])
+        added = int(reply[0])
+        split = reply.index(b"")
+        dead = [n.decode() for n in reply[split + 1 :]]
+        self._dead = tuple(dead)
+        if added and self._beaten:
+            log.warning("gateway node %s was taken for dead; writing its state back", self.node_id)
+            await self._write_back()
+        self._beaten = True
+        for node in dead:
+            async with bounded_redis_call("gateway sweep", self._timeout):
+                claimed = await self.client.zrem(self._nodes_key, node)
+            if claimed:
+                log.info("gateway node %s stopped heartbeating; sweeping its presence", node)
+                async with bounded_redis_call("gateway sweep", self._timeout * 4):
+                    await self._sweep_node(node, announce=True)
+
+    async def _sweep_node(self, node: str, *, announce: bool) -> None:
+        """Remove ``node``'s presence and tenant counts (announcing leaves if asked)."""
+        keys_key = tagged_key(self.prefix, "node", node)
+        keys = await self.client.smembers(keys_key)
+        for raw in keys:
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            if key.endswith(":presence"):
+                left = await self._presence_drop(keys=[key], args=[node])
+                if announce and left:
+                    channel = key[len(self.prefix) + 2 : -len("}:presence")]
+                    for user in left:
+                        await self._announce_everywhere(channel, user.decode(), "leave")
+            else:
+                await self.client.hdel(key, node)
+        await self.client.delete(keys_key)
+
+    async def _write_back(self) -> None:
+        counts = dict(self._presence_counts)
+        if counts:
+            await self.set_presence(counts)
+        async with (
+            bounded_redis_call("gateway tenant write-back", self._timeout),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            for tenant, count in self._tenant_counts.items():
+                key = self._tenant_key(tenant)
+                pipe.hset(key, self.node_id, count)
+                pipe.sadd(self._node_keys, key)
+            await pipe.execute()
+
+    # -- presence --------------------------------------------------------------------------
+
+    async def _announce_everywhere(self, channel: str, user_id: str, event: Any) -> None:
+        deliver = self._deliver
+        if deliver is None:
+            return
+        frame = self._announce(deliver, channel, user_id, event)
+        try:
+            await self.publish(presence_channel(channel), frame)
+        except CommunicationsError as exc:
+            log.warning("presence %s of %r on %r not sent to other processes: %s", event,
+                        user_id, channel, exc)  # fmt: skip
+
+    async def set_presence(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Write this process's counts (one script per channel, pipelined); announce changes."""
+        by_channel: dict[str, list[str]] = {}
+        for (channel, user_id), count in counts.items():
+            if count > 0:
+                self._presence_counts[channel, user_id] = count
+            else:
+                self._presence_counts.pop((channel, user_id), None)
+            by_channel.setdefault(channel, [self.node_id]).extend((user_id, str(count)))
+        channels = list(by_channel)
+        async with (
+            bounded_redis_call("gateway presence update", self._timeout),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            for channel in channels:
+                key = self._key(channel, "presence")
+                await self._presence_set(keys=[key], args=by_channel[channel], client=pipe)
+                pipe.sadd(self._node_keys, key)
+            replies = await pipe.execute()
+        for channel, reply in zip(channels, replies[::2], strict=True):
+            for i in range(0, len(reply), 2):
+                event = "join" if reply[i + 1] == b"join" else "leave"
+                await self._announce_everywhere(channel, reply[i].decode(), event)
+
+    async def presence(self, channel: str) -> dict[str, int]:
+        """Users subscribed to ``channel`` on live processes, with their connection count."""
+        ttl_ms = int(self.presence_ttl * 1000)
+        async with (
+            bounded_redis_call("gateway presence read", self._timeout),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            await self._alive_script(keys=[self._nodes_key], args=[ttl_ms], client=pipe)
+            pipe.hgetall(self._key(channel, "presence"))
+            alive_raw, entries = await pipe.execute()
+        alive = {node.decode() for node in alive_raw}
+        alive.add(self.node_id)
+        users: dict[str, int] = {}
+        for user, value in entries.items():
+            total = sum(
+                int(count)
+                for node, _, count in (part.partition("=") for part in value.decode().split(";"))
+                if node in alive
+            )
+            if total:
+                users[user.decode()] = total
+        return users
+
+    # -- history ---------------------------------------------------------------------------
+
+    async def publish_history(self, channel: str, frame: bytes, *, size: int, ttl: float) -> bytes:
+        """Append ``frame`` to the channel's stream with the next offset, and publish it."""
+        keys = [self._key(channel, "history"), self._key(channel, "meta")]
+        args: list[bytes | str | int] = [
+            frame,
+            size,
+            max(1, int(ttl * 1000)),
+            new_epoch(),
+            self._pubsub_name(channel),
+            self._envelope_head(),
+        ]
+        async with bounded_redis_call("gateway history publish", self._timeout):
+            result: bytes = await self._history_publish(keys=keys, args=args)
+        return result
+
+    async def read_history(self, channel: str, since: StreamPosition) -> HistoryReplay:
+        """Read the channel's stream after ``since`` (one script: a consistent snapshot)."""
+        keys = [self._key(channel, "history"), self._key(channel, "meta")]
+        async with bounded_redis_call("gateway history read", self._timeout):
+            reply = await self._history_read(keys=keys, args=[since.offset, since.epoch])
+        if len(reply) < 3 or reply[2] != 1:
+            return HistoryReplay([], False, since.offset)
+        return HistoryReplay(list(reply[3:]), True, int(reply[1]))
+
+    # -- tenants ---------------------------------------------------------------------------
+
+    def _tenant_key(self, tenant_id: str) -> str:
+        return f"{self.prefix}:tenant:{tenant_id}"
+
+    async def reserve_tenant(self, tenant_id: str, limit: int) -> bool:
+        """Take a slot of ``tenant_id`` if live processes hold fewer than ``limit``."""
+        key = self._tenant_key(tenant_id)
+        async with (
+            bounded_redis_call("gateway tenant reserve", self._timeout),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            await self._tenant_reserve(
+                keys=[key], args=[self.node_id, limit, *self._dead], client=pipe
+            )
+            pipe.sadd(self._node_keys, key)
+            taken, _ = await pipe.execute()
+        if taken:
+            self._tenant_counts[tenant_id] = self._tenant_counts.get(tenant_id, 0) + 1
+        return bool(taken)
+
+    def release_tenant(self, tenant_id: str) -> None:
+        """Give back a slot (written in the background, with other releases)."""
+        left = self._tenant_counts.get(tenant_id, 0) - 1
+        if left > 0:
+            self._tenant_counts[tenant_id] = left
+        else:
+            self._tenant_counts.pop(tenant_id, None)
+        self._pending_tenants[tenant_id] = self._pending_tenants.get(tenant_id, 0) + 1
+        if not self._release_scheduled and self._deliver is not None:
+            self._release_scheduled = True
+            self._write_soon_task(self._write_releases())
+
+    def _write_soon_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._forget_task)
+
+    async def _write_releases(self) -> None:
+        """Write the pending releases; failed ones stay pending for the next heartbeat."""
+        await asyncio.sleep(0)  # gather the releases of one event-loop turn
+        self._release_scheduled = False
+        pending, self._pending_tenants = self._pending_tenants, {}
+        if not pending:
+            return
+        try:
+            async with (
+                bounded_redis_call("gateway tenant release", self._timeout),
+                self.client.pipeline(transaction=False) as pipe,
+            ):
+                for tenant_id, released in pending.items():
+                    pipe.hincrby(self._tenant_key(tenant_id), self.node_id, -released)
+                await pipe.execute()
+        except CommunicationsError as exc:
+            log.warning("gateway tenant slots not released in Redis (%s); retrying later", exc)
+            for tenant_id, released in pending.items():
+                now_pending = self._pending_tenants.get(tenant_id, 0)
+                self._pending_tenants[tenant_id] = now_pending + released
