@@ -27,7 +27,8 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with gateway.serve("127.0.0.1", 0):
-        print(f"PORT {gateway.port}", flush=True)
+        sys.stdout.write(f"PORT {gateway.port}\n")
+        sys.stdout.flush()
         await stop.wait()
 
 
