@@ -436,3 +436,16 @@ async def test_a_slow_client_on_one_process_does_not_slow_the_others(cluster: Cl
     code, reason = await closed_with(slow, timeout=10)
     assert code == 1008
     assert "slow consumer" in reason
+
+
+async def test_a_foreign_frame_on_a_channel_does_not_break_the_link(
+    cluster: Cluster, aredis: Any
+) -> None:
+    sender = await cluster.local()
+    receiver = await cluster.local()
+    ws = await cluster.client(receiver, "u1", "t1", "room")
+    await aredis.publish(f"{cluster.prefix}:{{room}}", b"not an envelope")
+    await sender.publish("room", "fine")
+    assert [m["data"] for m in await messages(ws, 1)] == ["fine"]
+    assert _backend(receiver).reconnects == 0
+    assert _backend(receiver).connected

@@ -56,6 +56,7 @@ from dotmac.communications._redis import (
 )
 from dotmac.communications.config import WebSocketsSettings
 from dotmac.communications.errors import (
+    BackendUnavailableError,
     CommunicationsError,
     ConfigurationError,
     WebSocketError,
@@ -370,8 +371,6 @@ class RedisBackend(GatewayBackend):
                 await self._connected.wait()
         except TimeoutError:
             await self.close()
-            from dotmac.communications.errors import BackendUnavailableError  # noqa: PLC0415
-
             raise BackendUnavailableError(
                 f"RedisBackend: the pub/sub listener could not connect to {self._url}"
             ) from None
@@ -462,14 +461,12 @@ class RedisBackend(GatewayBackend):
             if not batch:
                 continue
             try:
-                async with bounded_redis_call("gateway publish", self._timeout):
-                    if len(batch) == 1:
-                        await self.client.publish(batch[0][0], batch[0][1])
-                    else:
-                        async with self.client.pipeline(transaction=False) as pipe:
-                            for name, payload, _ in batch:
-                                pipe.publish(name, payload)
-                            await pipe.execute()
+                try:
+                    await self._publish_batch(batch)
+                except BackendUnavailableError:
+                    # Once more, at once: after Redis restarted, a pooled connection fails on
+                    # its first use and is replaced by a fresh one.
+                    await self._publish_batch(batch)
             except CommunicationsError as exc:
                 for *_, future in batch:
                     if not future.done():
@@ -478,6 +475,16 @@ class RedisBackend(GatewayBackend):
             for *_, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+    async def _publish_batch(self, batch: list[tuple[bytes, bytes, asyncio.Future[None]]]) -> None:
+        async with bounded_redis_call("gateway publish", self._timeout):
+            if len(batch) == 1:
+                await self.client.publish(batch[0][0], batch[0][1])
+                return
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name, payload, _ in batch:
+                    pipe.publish(name, payload)
+                await pipe.execute()
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -654,25 +661,22 @@ class RedisBackend(GatewayBackend):
             self._last_seen = clock.monotonic()
             kind = response[0]
             if kind == b"message":
-                payload: bytes = response[2]
-                origin, sent, traceparent, frame = payload.split(_SEP, 3)
-                if origin == node:
-                    continue
                 channel = wanted.get(response[1])
                 if channel is None:
                     continue  # unsubscribed meanwhile
-                self._lag.record(max(0.0, clock.time() - int(sent) / 1000))
-                if traceparent and tracing.is_active():
-                    context = tracing.extract_context({"traceparent": traceparent.decode()})
-                    with tracing.span(
-                        "websocket.deliver",
-                        {"messaging.destination.name": channel, "messaging.system": "redis"},
-                        kind=SpanKind.CONSUMER,
-                        context=context,
-                    ) as span:
-                        span.set_attribute("dotmac.websocket.deliveries", deliver(channel, frame))
-                else:
-                    deliver(channel, frame)
+                try:
+                    origin, sent, traceparent, frame = response[2].split(_SEP, 3)
+                    if origin == node:
+                        continue
+                    self._lag.record(max(0.0, clock.time() - int(sent) / 1000))
+                    if traceparent and tracing.is_active():
+                        self._deliver_traced(deliver, channel, frame, traceparent)
+                    else:
+                        deliver(channel, frame)
+                # One bad frame (not ours: someone else published on our channel) or a bug in
+                # delivery must not take the link down with it.
+                except Exception:
+                    log.exception("gateway dropped a frame from Redis on %r", channel)
             elif kind == b"subscribe":
                 futures = acks.get(response[1])
                 if futures:
@@ -681,6 +685,17 @@ class RedisBackend(GatewayBackend):
                         del acks[response[1]]
                     if not future.done():
                         future.set_result(None)
+
+    @staticmethod
+    def _deliver_traced(deliver: Deliver, channel: str, frame: bytes, traceparent: bytes) -> None:
+        context = tracing.extract_context({"traceparent": traceparent.decode()})
+        with tracing.span(
+            "websocket.deliver",
+            {"messaging.destination.name": channel, "messaging.system": "redis"},
+            kind=SpanKind.CONSUMER,
+            context=context,
+        ) as span:
+            span.set_attribute("dotmac.websocket.deliveries", deliver(channel, frame))
 
     # -- housekeeping: pings, heartbeats, sweeping dead processes ----------------------------
 
