@@ -62,3 +62,19 @@ def test_serve_refuses_anonymous_outside_development(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "jwt_secret" in done.stderr
+
+
+def test_serve_reports_an_unreachable_redis_backend(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dotmac.communications.cli", "serve", "--port", "0"],
+        env=_env(
+            DOTMAC_WEBSOCKETS__BACKEND="redis",
+            DOTMAC_WEBSOCKETS__REDIS_URL="redis://127.0.0.1:1/0",
+            DOTMAC_WEBSOCKETS__ALLOW_ANONYMOUS="true",
+        ),
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "the gateway cannot start" in done.stderr
+    assert "Redis" in done.stderr
+    assert "Traceback" not in done.stderr

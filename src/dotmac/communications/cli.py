@@ -1,8 +1,8 @@
 """``dotmac-comms``: inspect configuration and health from the command line.
 
-Exit codes: 0 success, 1 unhealthy, 2 invalid configuration or usage. ``serve`` runs the
-WebSocket gateway until SIGINT/SIGTERM. Later commands (``send``, ``dlq``) arrive with the parts
-they drive.
+Exit codes: 0 success, 1 unhealthy (or, for ``serve``, the gateway cannot start), 2 invalid
+configuration or usage. ``serve`` runs the WebSocket gateway until SIGINT/SIGTERM. Later
+commands (``send``, ``dlq``) arrive with the parts they drive.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dotenv import dotenv_values
 from . import __version__
 from ._config_docs import env_example, safe_dump, unknown_variables
 from .config import CommunicationsConfig
-from .errors import ConfigurationError
+from .errors import CommunicationsError, ConfigurationError
 from .observability import HealthRegistry, redis_check
 
 __all__ = ["build_health_registry", "main"]
@@ -149,12 +149,17 @@ async def _serve(config: CommunicationsConfig, host: str | None, port: int | Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await gateway.start(host, port)
+    try:
+        await gateway.start(host, port)
+    except CommunicationsError as exc:  # the port is taken, or Redis cannot be reached
+        _write(f"dotmac-comms: the gateway cannot start: {exc}", err=True)
+        return EXIT_UNHEALTHY
     try:
         where = f"{host or settings.host}:{gateway.port}"
         _write(
             f"dotmac-comms: gateway listening on ws://{where}{settings.path} "
-            f"(health http://{where}/health, metrics http://{where}/metrics)"
+            f"(backend {gateway.backend.name}; health http://{where}/health, "
+            f"metrics http://{where}/metrics)"
         )
         await stop.wait()
         _write("dotmac-comms: stopping (draining connections)")
