@@ -163,3 +163,12 @@ async def test_broadcast_and_presence_channel_names_cannot_be_subscribed(start, 
     reply = await recv_json(ws)
     assert reply["type"] == "error"
     await asyncio.sleep(0)
+
+
+async def test_memory_history_forgets_expired_channels(clock: Any) -> None:
+    backend = MemoryBackend(clock=clock)
+    frame = b'{"type":"message","channel":"h","data":1,"id":"x"}'
+    for n in range(1500):
+        await backend.publish_history(f"h{n}", frame, size=1, ttl=10)
+        await clock.sleep(0.1)
+    assert len(backend._history) < 1200  # the first ones expired and were pruned

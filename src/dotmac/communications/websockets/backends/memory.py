@@ -15,6 +15,8 @@ from .base import Deliver, GatewayBackend, HistoryReplay, new_epoch, with_positi
 
 __all__ = ["MemoryBackend"]
 
+_PRUNE_MIN = 1024  # histories kept before expired ones are looked for
+
 
 @dataclass(slots=True)
 class _History:
@@ -47,6 +49,7 @@ class MemoryBackend(GatewayBackend):
         self._deliver: Deliver | None = None
         self._presence: dict[str, dict[str, int]] = {}
         self._history: dict[str, _History] = {}
+        self._prune_at = _PRUNE_MIN
 
     @property
     def channels(self) -> frozenset[str]:
@@ -116,6 +119,8 @@ class MemoryBackend(GatewayBackend):
         now = self._clock.time()
         history = self._live_history(channel)
         if history is None:
+            if len(self._history) >= self._prune_at:
+                self._prune(now)
             history = self._history[channel] = _History(new_epoch(), size, ttl, now)
         history.last_time = now
         history.size = size
@@ -127,6 +132,15 @@ class MemoryBackend(GatewayBackend):
         while len(frames) > size:
             frames.popleft()
         return positioned
+
+    def _prune(self, now: float) -> None:
+        """Forget expired histories; prune again once the live ones have doubled."""
+        self._history = {
+            channel: history
+            for channel, history in self._history.items()
+            if now - history.last_time <= history.ttl
+        }
+        self._prune_at = max(_PRUNE_MIN, 2 * len(self._history))
 
     async def read_history(self, channel: str, since: StreamPosition) -> HistoryReplay:
         """Replay what follows ``since`` when it is still in history and of the same epoch."""
