@@ -19,6 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from _support.waiting import eventually
+from dotmac.communications.errors import WebSocketError
 from dotmac.communications.observability import metrics
 from dotmac.communications.websockets import WebSocketGateway
 from dotmac.communications.websockets.asgi import GatewayEndpoint, handle_websocket
@@ -98,13 +99,14 @@ async def host() -> AsyncIterator[Callable[..., Awaitable[Host]]]:
         settings: Any = None,
         *,
         start: bool = True,
+        listen: bool = True,
         ws: str = "auto",
         denial: bool = True,
         **kwargs: Any,
     ) -> Host:
         gateway = WebSocketGateway(settings or ws_settings(), **kwargs)
         if start:
-            await gateway.start("127.0.0.1", 0)
+            await gateway.start("127.0.0.1", 0, listen=listen)
         served = Host(gateway, ws=ws, denial=denial)
         await served.start()
         running.append((gateway, served))
@@ -167,6 +169,22 @@ async def test_asgi_refuses_with_503_until_the_gateway_is_started(host) -> None:
     answer = await refused(served.url(), additional_headers=bearer(token()))
     assert answer["status"] == "503"
     assert metrics.value(REFUSED, {"reason": "not_started"}) == 1
+
+
+async def test_asgi_only_gateway_without_a_port_of_its_own(host) -> None:
+    """start(listen=False): no port is bound, ASGI connections are served, stop drains them."""
+    served = await host(listen=False)
+    gateway = served.gateway
+    with pytest.raises(WebSocketError, match="not listening"):
+        _ = gateway.port
+    assert (await gateway.health.check()).status == "pass"
+    ws = await open_client(served.url())
+    assert (await subscribe(ws, "news"))["type"] == "subscribed"
+    assert await gateway.publish("news", "hi") == 1
+    assert (await recv_json(ws))["data"] == "hi"
+    stopping = asyncio.create_task(gateway.stop())
+    assert (await closed_with(ws))[0] == 1001
+    await stopping
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ from dotmac.communications.config import WebSocketsSettings
 from dotmac.communications.observability import metrics
 from dotmac.communications.websockets import WebSocketGateway
 from dotmac.communications.websockets.backends.redis import RedisBackend
-from ws.test_gateway import SECRET, closed_with, recv_json, send_json, token
+
+from .test_gateway import SECRET, closed_with, recv_json, send_json, token
 
 pytestmark = pytest.mark.redis
 

@@ -16,7 +16,8 @@ from dotmac.communications.errors import ConfigurationError, InvalidChannelError
 from dotmac.communications.observability import tracing, use_tracer_provider
 from dotmac.communications.websockets import MemoryBackend, WebSocketGateway
 from dotmac.communications.websockets._protocol import StreamPosition
-from ws.test_gateway import client, recv_json, send_json, start, token, ws_settings
+
+from .test_gateway import client, recv_json, send_json, start, token, ws_settings
 
 __all__ = ["client", "start"]  # fixtures used here
 

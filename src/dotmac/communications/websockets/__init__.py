@@ -1,11 +1,11 @@
-"""The WebSocket gateway: authenticated connections, channels and fan-out in one process.
+"""The WebSocket gateway: authenticated connections, channels, fan-out, presence and history.
 
 ``WebSocketGateway`` serves the JSON protocol of ``docs/protocol.md`` with ``websockets``:
 authenticators turn a handshake into an :class:`Identity` (or refuse it with HTTP 401/403), the
 same port answers ``/health`` and ``/metrics``, and ``dotmac-comms serve`` runs it.
 :mod:`dotmac.communications.websockets.asgi` mounts the same connection handling in a
-Starlette/FastAPI app. Fan-out across processes (``RedisBackend``), presence and history come
-with the next release.
+Starlette/FastAPI app. One process needs nothing more (:class:`MemoryBackend`);
+:class:`RedisBackend` spreads fan-out, presence, history and tenant limits over processes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ from ._connection import (
     MessageHandler,
 )
 from ._gateway import WebSocketGateway
-from .backends import BROADCAST_CHANNEL, GatewayBackend, MemoryBackend
+from ._protocol import StreamPosition
+from .backends import (
+    BROADCAST_CHANNEL,
+    GatewayBackend,
+    HistoryReplay,
+    MemoryBackend,
+    RedisBackend,
+)
 
 __all__ = [
     "BROADCAST_CHANNEL",
@@ -44,12 +51,15 @@ __all__ = [
     "GatewayBackend",
     "GatewayConnection",
     "HandshakeRequest",
+    "HistoryReplay",
     "Identity",
     "JWTAuthenticator",
     "MemoryBackend",
     "MessageHandler",
+    "RedisBackend",
     "SessionAuthenticator",
     "SessionResolver",
+    "StreamPosition",
     "WebSocketGateway",
     "check_origin",
     "token_expiry_delay",

@@ -161,6 +161,7 @@ class WebSocketGateway:
         self.health.register("gateway:backend", self.backend.check, component_type="component")
         self._hub = Hub(self.backend, settings.send_buffer_limit, self._on_slow)
         self._server: Server | None = None
+        self._started = False
         self._draining = False
         self._connections: dict[GatewayConnection, None] = {}
         self._reserved = 0  # admitted handshakes and open connections: slots in use
@@ -222,25 +223,29 @@ class WebSocketGateway:
         """The port the gateway listens on (the one picked when started with port 0).
 
         Raises:
-            WebSocketError: The gateway is not started.
+            WebSocketError: The gateway is not listening (not started, or ``listen=False``).
         """
         if self._server is None:
-            raise WebSocketError("the gateway is not started")
+            raise WebSocketError("the gateway is not listening (not started, or listen=False)")
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self, host: str | None = None, port: int | None = None) -> None:
+    async def start(
+        self, host: str | None = None, port: int | None = None, *, listen: bool = True
+    ) -> None:
         """Start the backend and listen; returns once the port is bound.
 
         Args:
             host: Address to listen on; ``settings.host`` by default.
             port: Port; ``settings.port`` by default; 0 picks a free one (see :attr:`port`).
+            listen: ``False`` serves no port of its own: for a host that takes connections
+                only through the ASGI adapter (:mod:`.asgi`) of its own web server.
 
         Raises:
             WebSocketError: Already started, or the address cannot be bound.
             BackendUnavailableError: The backend cannot be reached.
         """
-        if self._server is not None or self._draining:
+        if self._started or self._draining:
             raise WebSocketError("the gateway was already started; create a new one")
         settings = self.settings
         host = settings.host if host is None else host
@@ -248,7 +253,25 @@ class WebSocketGateway:
         await self.backend.start(self._hub.deliver)
         try:
             await self.backend.subscribe_channel(BROADCAST_CHANNEL)
-            self._server = await serve(
+            if listen:
+                self._server = await self._listen(host, port)
+        except OSError as exc:
+            await self.backend.close()
+            raise WebSocketError(f"the gateway cannot listen on {host}:{port}: {exc}") from exc
+        except BaseException:
+            await self.backend.close()
+            raise
+        self._started = True
+        if self.accepts_anonymous:
+            log.warning("gateway accepts anonymous clients: development mode, not for production")
+        if listen:
+            log.info("gateway listening on %s:%d%s", host, self.port, settings.path)
+        else:
+            log.info("gateway started without a port of its own (ASGI connections only)")
+
+    async def _listen(self, host: str, port: int) -> Server:
+        settings = self.settings
+        return await serve(
                 self._handler,
                 host,
                 port,
@@ -262,15 +285,6 @@ class WebSocketGateway:
                 close_timeout=settings.ping_timeout,
                 create_connection=_ServerConnection,
             )
-        except OSError as exc:
-            await self.backend.close()
-            raise WebSocketError(f"the gateway cannot listen on {host}:{port}: {exc}") from exc
-        except BaseException:
-            await self.backend.close()
-            raise
-        if self.accepts_anonymous:
-            log.warning("gateway accepts anonymous clients: development mode, not for production")
-        log.info("gateway listening on %s:%d%s", host, self.port, settings.path)
 
     async def stop(self) -> None:
         """Drain and stop: refuse new handshakes, close clients with 1001, stop the backend.
@@ -279,13 +293,29 @@ class WebSocketGateway:
         dropped. Idempotent; a stopped gateway cannot be started again.
         """
         server = self._server
-        if server is None or self._draining:
+        if not self._started or self._draining:
             return
         self._draining = True
-        server.close(close_connections=False)  # stop listening; handshakes under way get 503
+        if server is not None:
+            server.close(close_connections=False)  # stop listening; handshakes get 503
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
         await self._drain(deadline)
+        if server is not None:
+            await self._wait_handlers(server, deadline)
+        for task in list(self._closing_tasks):  # slow-consumer and token-expiry closes
+            task.cancel()
+        if self._closing_tasks:
+            await asyncio.wait(self._closing_tasks, timeout=_STOP_GRACE)
+        await self._flush_presence()  # the leaves of the drained connections
+        if self._presence_writer is not None:
+            self._presence_writer.cancel()
+        await self.backend.close()
+        log.info("gateway stopped")
+
+    async def _wait_handlers(self, server: Server, deadline: float) -> None:
+        """Wait for the native connections' handlers (their cleanup), bounded."""
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time()) + _STOP_GRACE):
                 await server.wait_closed()
@@ -298,15 +328,6 @@ class WebSocketGateway:
                     await server.wait_closed()
             except TimeoutError:
                 log.warning("gateway stop: connection handlers ignored cancellation; abandoned")
-        for task in list(self._closing_tasks):  # slow-consumer and token-expiry closes
-            task.cancel()
-        if self._closing_tasks:
-            await asyncio.wait(self._closing_tasks, timeout=_STOP_GRACE)
-        await self._flush_presence()  # the leaves of the drained connections
-        if self._presence_writer is not None:
-            self._presence_writer.cancel()
-        await self.backend.close()
-        log.info("gateway stopped")
 
     async def _drain(self, deadline: float) -> None:
         connections = list(self._connections)
@@ -411,7 +432,8 @@ class WebSocketGateway:
             InvalidChannelError: ``channel`` is malformed.
             MessageSerializationError: ``data`` cannot be serialised to JSON.
             BackendUnavailableError: The backend could not carry it to other processes (local
-                subscribers already have it).
+                subscribers already have it) — or, on a history channel, could not append it:
+                then nobody got it, since its offset comes from the history.
         """
         validate_channel(channel)
         frame = encode_message(channel, data, f"{self._id_prefix}{next(self._message_ids):x}")
@@ -807,7 +829,7 @@ class WebSocketGateway:
         task.add_done_callback(self._closing_tasks.discard)
 
     async def _check_serving(self) -> CheckResult:
-        if self._server is None or self._draining:
+        if not self._started or self._draining:
             state = "draining" if self._draining else "not started"
             return CheckResult("fail", f"gateway {state}", component_type="system")
         count = len(self._connections)

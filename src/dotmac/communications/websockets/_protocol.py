@@ -137,8 +137,8 @@ class Subscribe:
 
     Args:
         channel: The valid channel name asked for.
-        presence: The client asked for presence (join/leave) frames. Coming with the Redis backend.
-        since: The client asked for history after this position. Coming with the Redis backend.
+        presence: The client asked for presence (join/leave) frames.
+        since: The client asked for history after this position (history channels).
         builtin: A built-in rule already allows the channel (``user:{own id}…``,
             ``tenant:{own id}…``): the authorizer is not consulted.
     """
@@ -335,10 +335,7 @@ def encode_error(code: str, message: str, *, channel: str | None = None) -> byte
 
 
 def encode_presence(channel: str, event: Literal["join", "leave"], user_id: str) -> bytes:
-    """Encode a ``presence`` frame: ``user_id`` joined or left ``channel``.
-
-    Coming with the Redis backend: the gateway does not send these yet.
-    """
+    """Encode a ``presence`` frame: ``user_id`` joined or left ``channel``."""
     return _dumps({"type": "presence", "channel": channel, "event": event, "user_id": user_id})
 
 
@@ -505,7 +502,7 @@ class ConnectionProtocol:
         Args:
             channel: The channel of the :class:`Subscribe` action.
             recovered: For a subscribe with ``since``: whether every missed message will be
-                replayed. Coming with the Redis backend.
+                replayed.
 
         Returns:
             ``[Attach, Send(subscribed)]``; empty when the client unsubscribed meanwhile or the

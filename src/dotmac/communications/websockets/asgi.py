@@ -134,7 +134,7 @@ async def _serve(
         target = f"{target}?{query.decode('latin-1')}"
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())]
     handshake = HandshakeRequest.from_path_and_headers(target, headers, remote)
-    if gateway._server is None or gateway._draining:
+    if not gateway._started or gateway._draining:
         reason = "draining" if gateway._draining else "not_started"
         await _refuse(gateway, scope, send, http.HTTPStatus.SERVICE_UNAVAILABLE, reason)
         return

@@ -32,6 +32,7 @@ __all__ = [
     "HistoryReplay",
     "PresenceEvent",
     "ReconnectHook",
+    "new_epoch",
     "presence_channel",
     "with_position",
 ]

@@ -618,7 +618,7 @@ class RedisBackend(GatewayBackend):
     def _go_live(self, conn: Any) -> None:
         """Mark the link up and send every wanted channel (one write, batched SUBSCRIBEs)."""
         self._conn = conn
-        self._last_seen = self._clock.monotonic()
+        self._last_seen = asyncio.get_running_loop().time()
         names = list(self._wanted)
         if names:
             commands = [
@@ -656,9 +656,10 @@ class RedisBackend(GatewayBackend):
         acks = self._acks
         node = self._node
         clock = self._clock
+        loop_time = asyncio.get_running_loop().time
         while True:
             response = await conn.read_response(timeout=None, push_request=True)
-            self._last_seen = clock.monotonic()
+            self._last_seen = loop_time()
             kind = response[0]
             if kind == b"message":
                 channel = wanted.get(response[1])
@@ -700,21 +701,17 @@ class RedisBackend(GatewayBackend):
     # -- housekeeping: pings, heartbeats, sweeping dead processes ----------------------------
 
     async def _housekeeping(self) -> None:
+        """Ping the listener's link every 5 s; heartbeat every third of ``presence_ttl``."""
+        loop = asyncio.get_running_loop()
         beat_every = self.presence_ttl / 3
-        next_beat = self._clock.monotonic() + beat_every
+        next_beat = loop.time() + beat_every
+        next_ping = loop.time() + _PING_INTERVAL
         while True:
-            await asyncio.sleep(min(_PING_INTERVAL, beat_every))
-            conn = self._conn
-            now = self._clock.monotonic()
-            if conn is not None:
-                if now - self._last_seen > _STALE_AFTER:
-                    log.error(
-                        "gateway Redis pub/sub link silent for %.0f s; reconnecting",
-                        now - self._last_seen,
-                    )
-                    self._drop_connection()
-                else:
-                    self._write_soon(conn, conn.pack_commands([["PING"]]))
+            await asyncio.sleep(max(0.0, min(next_beat, next_ping) - loop.time()))
+            now = loop.time()
+            if now >= next_ping:
+                next_ping = now + _PING_INTERVAL
+                self._ping(now)
             if now >= next_beat:
                 next_beat = now + beat_every
                 try:
@@ -723,6 +720,18 @@ class RedisBackend(GatewayBackend):
                         await self._write_releases()
                 except CommunicationsError as exc:
                     log.warning("gateway presence heartbeat failed: %s", exc)
+
+    def _ping(self, now: float) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        if now - self._last_seen > _STALE_AFTER:
+            log.error(
+                "gateway Redis pub/sub link silent for %.0f s; reconnecting", now - self._last_seen
+            )
+            self._drop_connection()
+        else:
+            self._write_soon(conn, conn.pack_commands([["PING"]]))
 
     def _write_soon(self, conn: Any, packed: list[bytes]) -> None:
         self._write_soon_task(self._write(conn, packed))
