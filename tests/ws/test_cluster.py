@@ -363,6 +363,19 @@ async def test_delivery_resumes_after_redis_restarts(
             return False
 
     await eventually(remote_gets_it, 15, what="delivery across processes resumed")
+
+    async def here_gets_it() -> bool:  # and this process's listener resubscribed too
+        await send_json(remote, {"type": "publish", "channel": "room", "data": "back"})
+        try:
+            async with asyncio.timeout(0.3):
+                while True:
+                    frame = json.loads(await here.recv())
+                    if frame["type"] == "message" and frame["data"] == "back":
+                        return True
+        except TimeoutError:
+            return False
+
+    await eventually(here_gets_it, 15, what="remote publishes reach this process again")
     assert reconnected
     assert reconnected[0] > 0
     assert _backend(local).reconnects == 1
@@ -450,3 +463,127 @@ async def test_a_foreign_frame_on_a_channel_does_not_break_the_link(
     assert [m["data"] for m in await messages(ws, 1)] == ["fine"]
     assert _backend(receiver).reconnects == 0
     assert _backend(receiver).connected
+
+
+async def test_recovery_under_concurrent_publishes_from_two_processes(cluster: Cluster) -> None:
+    """Resubscribing with since (and presence) while both processes publish: no gap, no repeat."""
+    port_a = await cluster.spawn(message_rate="100000", message_burst="100000")
+    local = await cluster.local()
+    remote_publisher = await cluster.client(port_a, "pub", "t1")
+    first = await cluster.client(local, "u1", "t1", "hist:load")
+    await local.publish("hist:load", "start")
+    position = (await messages(first, 1))[0]
+    stop = asyncio.Event()
+
+    async def publish_here() -> None:
+        n = 0
+        while not stop.is_set():
+            await local.publish("hist:load", f"l{n}")
+            n += 1
+            await asyncio.sleep(0.001)
+
+    async def publish_there() -> None:
+        n = 0
+        while not stop.is_set():
+            frame = {"type": "publish", "channel": "hist:load", "data": f"r{n}"}
+            await send_json(remote_publisher, frame)
+            n += 1
+            await asyncio.sleep(0.001)
+
+    publishers = [asyncio.create_task(publish_here()), asyncio.create_task(publish_there())]
+    try:
+        for round_ in range(4):  # each time on the other process
+            port = port_a if round_ % 2 == 0 else local.port
+            ws = await cluster.client(port, f"r{round_}", "t1")
+            since = {"offset": position["offset"], "epoch": position["epoch"]}
+            await send_json(
+                ws, {"type": "subscribe", "channel": "hist:load", "since": since, "presence": True}
+            )
+            offsets: list[int] = []
+            async with asyncio.timeout(10):
+                while len(offsets) < 150:
+                    frame = json.loads(await ws.recv())
+                    if frame["type"] == "subscribed":
+                        assert frame["recovered"] is True
+                    elif frame["type"] == "message":
+                        offsets.append(frame["offset"])
+            first_offset = position["offset"] + 1
+            assert offsets == list(range(first_offset, first_offset + 150))  # no gap, no repeat
+            position = {"offset": offsets[-1], "epoch": position["epoch"]}
+            await ws.close()
+    finally:
+        stop.set()
+        await asyncio.gather(*publishers)
+
+
+async def test_history_frames_reach_local_clients_in_offset_order(cluster: Cluster) -> None:
+    local = await cluster.local()
+    ws = await cluster.client(local, "u1", "t1", "hist:order")
+    await asyncio.gather(*(local.publish("hist:order", n) for n in range(150)))
+    got = await messages(ws, 150)
+    assert [m["offset"] for m in got] == list(range(1, 151))
+
+
+async def test_exclude_on_a_history_channel(cluster: Cluster) -> None:
+    local = await cluster.local()
+    sender = await cluster.client(local, "s", "t1", "hist:ex")
+    other = await cluster.client(local, "o", "t1", "hist:ex")
+    connection = next(c for c in local.connections if c.user_id == "s")
+    assert await local.publish("hist:ex", "x", exclude=connection) == 1
+    assert [m["data"] for m in await messages(other, 1)] == ["x"]
+    await nothing_more(sender)
+
+
+async def test_tenant_slots_of_a_killed_process_are_freed(cluster: Cluster) -> None:
+    port_a = await cluster.spawn(max_connections_per_tenant="2")
+    local = await cluster.local(max_connections_per_tenant=2)
+    await cluster.client(port_a, "u1", "acme")
+    await cluster.client(port_a, "u2", "acme")
+    with pytest.raises(InvalidStatus):
+        await connect(f"ws://127.0.0.1:{local.port}/ws?token={token('u3', 'acme')}")
+    cluster.processes[0].kill()
+    await cluster.processes[0].wait()
+
+    async def admitted() -> bool:
+        try:
+            ws = await connect(f"ws://127.0.0.1:{local.port}/ws?token={token('u3', 'acme')}")
+        except InvalidStatus:
+            return False
+        cluster.clients.append(ws)
+        return True
+
+    await eventually(admitted, 10, every=0.2, what="the dead process's slots are released")
+
+
+async def test_a_process_taken_for_dead_writes_its_presence_back(
+    cluster: Cluster, aredis: Any
+) -> None:
+    local = await cluster.local()
+    other = await cluster.local()
+    await cluster.client(local, "ann", "t1", "room")
+    assert await local.presence("room") == {"ann": 1}
+    node = _backend(local).node_id
+    # What a sweep does to a process that was silent too long: its entries and marker go.
+    await aredis.delete(
+        f"{cluster.prefix}:{{room}}:presence", f"{{{cluster.prefix}}}:node:{node}:alive"
+    )
+    assert await other.presence("room") == {}
+    await eventually(
+        lambda: _presence_is(other, "room", {"ann": 1}), 5, every=0.1, what="written back"
+    )
+
+
+async def test_publish_after_close_is_refused_and_close_fails_waiting_publishes(
+    redis_url: str,
+) -> None:
+    backend = RedisBackend(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    await backend.start(lambda channel, frame: 0)
+    waiting = [asyncio.create_task(backend.publish("c", b"{}")) for _ in range(50)]
+    await asyncio.sleep(0)
+    await backend.close()
+    _, pending = await asyncio.wait(waiting, timeout=5)
+    assert not pending  # nothing hangs
+    from dotmac.communications.errors import WebSocketError
+
+    with pytest.raises(WebSocketError):
+        await backend.publish("c", b"{}")

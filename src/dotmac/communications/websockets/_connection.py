@@ -351,9 +351,10 @@ class GatewayConnection:
         """Subscribe to a history channel from ``since``: replay, then live, no gap, no repeat.
 
         Live frames are captured from before the history is read, so every message is either in
-        the replay or captured; captured frames the replay already had (offset up to the last
-        replayed) are dropped. Once the capture is written out, the connection takes the
-        collector's place in the hub in the same event-loop step, so nothing falls between.
+        the replay or captured. After the replay, the backend's barrier makes sure every live
+        frame the history already had has arrived; captured frames up to the last replayed
+        offset are dropped, the rest written. Then the connection takes the collector's place
+        in the hub in the same event-loop step, so nothing falls between.
 
         Returns:
             ``False`` once the connection closes.
@@ -363,6 +364,8 @@ class GatewayConnection:
         collector = _Collector(self)
         try:
             await hub.attach(channel, collector)
+            if request.presence:  # before the swap, which must not wait for the backend
+                await gateway._attach_presence(self, channel)
             try:
                 replay = await gateway.backend.read_history(channel, since)
             except CommunicationsError as exc:
@@ -371,10 +374,8 @@ class GatewayConnection:
             actions = self._protocol.confirm_subscribe(channel, recovered=replay.recovered)
             if not actions:  # unsubscribed meanwhile, or closing
                 return not self._protocol.closed
-            if not await self._write_recovered(actions[-1], replay, collector):
+            if not await self._write_recovered(gateway, actions[-1], replay, collector):
                 return False
-            if request.presence:
-                await gateway._attach_presence(self, channel)
             # No await may suspend from here to the collector's removal: the hub already has
             # the channel, so attach and detach complete without waiting.
             await gateway._attach(self, channel)
@@ -387,7 +388,11 @@ class GatewayConnection:
         return True
 
     async def _write_recovered(
-        self, confirmation: Action, replay: HistoryReplay, collector: _Collector
+        self,
+        gateway: WebSocketGateway,
+        confirmation: Action,
+        replay: HistoryReplay,
+        collector: _Collector,
     ) -> bool:
         """Write ``subscribed``, the replay, then the captured live frames not replayed."""
         if not isinstance(confirmation, Send) or not await self._write(confirmation.frame):
@@ -395,7 +400,8 @@ class GatewayConnection:
         for frame in replay.frames:
             if not await self._write(frame):
                 return False
-        last = replay.offset if replay.recovered else -1
+        await gateway.backend.barrier()  # the live frames up to the replay's end have arrived
+        last = replay.offset if replay.recovered else -1  # another epoch restarts offsets
         while collector.frames:
             for text in collector.take():
                 offset = _offset_of(text)

@@ -100,6 +100,7 @@ _RECEIVED = "dotmac.websockets.messages.received"
 _SENT = "dotmac.websockets.messages.sent"
 _SLOW = "dotmac.websockets.slow_consumers"
 _PRESENCE_RETRY = 1.0  # seconds between attempts to write presence while the backend is down
+_MAX_EXCLUDES = 10_000  # history publishes with exclude= awaiting their frame from the backend
 _PRESENCE_FLUSH_WAIT = 5.0  # seconds presence() and stop() wait for pending presence writes
 
 
@@ -180,6 +181,7 @@ class WebSocketGateway:
         self._presence_dirty: dict[tuple[str, str], int] = {}
         self._presence_writer: asyncio.Task[None] | None = None
         self._cluster_tenants: dict[str, int] = {}  # slots taken through the backend
+        self._excludes: dict[bytes, Member] = {}  # message id -> connection not to deliver to
         self._open = metrics.up_down_counter(_CONNECTIONS, unit="{connection}").bind()
         self._opened = metrics.counter(_OPENED, unit="{connection}").bind()
         self._received = metrics.counter(_RECEIVED, unit="{message}").bind()
@@ -250,7 +252,7 @@ class WebSocketGateway:
         settings = self.settings
         host = settings.host if host is None else host
         port = settings.port if port is None else port
-        await self.backend.start(self._hub.deliver)
+        await self.backend.start(self._from_backend)
         try:
             await self.backend.subscribe_channel(BROADCAST_CHANNEL)
             if listen:
@@ -436,29 +438,72 @@ class WebSocketGateway:
                 then nobody got it, since its offset comes from the history.
         """
         validate_channel(channel)
-        frame = encode_message(channel, data, f"{self._id_prefix}{next(self._message_ids):x}")
+        message_id = f"{self._id_prefix}{next(self._message_ids):x}"
+        frame = encode_message(channel, data, message_id)
         if not tracing.is_active():
-            return await self._fan_out(channel, frame, exclude)
+            return await self._fan_out(channel, frame, exclude, message_id)
         with tracing.span(
             "websocket.publish",
             {"messaging.destination.name": channel, "messaging.system": self.backend.name},
         ) as span:
-            delivered = await self._fan_out(channel, frame, exclude)
+            delivered = await self._fan_out(channel, frame, exclude, message_id)
             span.set_attribute("dotmac.websocket.deliveries", delivered)
             return delivered
 
-    async def _fan_out(self, channel: str, frame: bytes, exclude: GatewayConnection | None) -> int:
-        history = self._history_patterns and self.is_history_channel(channel)
-        if history:  # appended (and carried to the others) first: local clients get the offset
-            settings = self.settings
-            frame = await self.backend.publish_history(
-                channel, frame, size=settings.history_size, ttl=settings.history_ttl
-            )
-        delivered = self._hub.deliver(channel, frame, None if exclude is None else exclude._ws)
+    async def _fan_out(
+        self, channel: str, frame: bytes, exclude: GatewayConnection | None, message_id: str
+    ) -> int:
+        if self._history_patterns and self.is_history_channel(channel):
+            return await self._fan_out_history(channel, frame, exclude, message_id)
+        member = None if exclude is None else exclude._ws
+        delivered = self._hub.deliver(channel, frame, member)
         if delivered:
             self._sent.add(delivered)
-        if not history:
-            await self.backend.publish(channel, frame)
+        await self.backend.publish(channel, frame)
+        return delivered
+
+    async def _fan_out_history(
+        self, channel: str, frame: bytes, exclude: GatewayConnection | None, message_id: str
+    ) -> int:
+        """Append to the history first: the frame gets its offset (and its place in order)."""
+        settings = self.settings
+        backend = self.backend
+        member = None if exclude is None else exclude._ws
+        if not backend.delivers_own_history:
+            frame = await backend.publish_history(
+                channel, frame, size=settings.history_size, ttl=settings.history_ttl
+            )
+            delivered = self._hub.deliver(channel, frame, member)
+            if delivered:
+                self._sent.add(delivered)
+            return delivered
+        # The backend hands it back through _from_backend, in history order with the others.
+        key = message_id.encode()
+        if member is not None:
+            if len(self._excludes) >= _MAX_EXCLUDES:
+                del self._excludes[next(iter(self._excludes))]
+            self._excludes[key] = member
+        try:
+            await backend.publish_history(
+                channel, frame, size=settings.history_size, ttl=settings.history_ttl
+            )
+        except BaseException:
+            self._excludes.pop(key, None)
+            raise
+        excluded = exclude is not None and channel in exclude._attached
+        return self._hub.subscriber_count(channel) - excluded
+
+    def _from_backend(self, channel: str, frame: bytes) -> int:
+        """Deliver a frame the backend brought (another process's, or a history frame)."""
+        member = None
+        if self._excludes:  # a history publish with exclude= comes back through here
+            start = frame.rfind(b'"id":"')  # the last one: data comes before the id
+            if start >= 0:
+                start += 6
+                member = self._excludes.pop(frame[start : frame.find(b'"', start)], None)
+        delivered = self._hub.deliver(channel, frame, member)
+        if delivered:
+            self._sent.add(delivered)
         return delivered
 
     async def send_to_user(self, user_id: str, data: Any) -> int:
@@ -762,14 +807,13 @@ class WebSocketGateway:
     async def _detach(self, connection: GatewayConnection, channel: str) -> None:
         """Unsubscribe ``connection`` from ``channel`` (and its presence frames)."""
         ws = connection._ws
-        if channel not in connection._attached:
-            return
-        connection._attached.discard(channel)
-        await self._hub.detach(channel, ws)
         if channel in connection._presence_channels:
             connection._presence_channels.discard(channel)
             await self._hub.detach(presence_channel(channel), ws)
-        self._count_presence(channel, connection.identity.user_id, -1)
+        if channel in connection._attached:
+            connection._attached.discard(channel)
+            await self._hub.detach(channel, ws)
+            self._count_presence(channel, connection.identity.user_id, -1)
 
     def _count_presence(self, channel: str, user_id: str | None, change: int) -> None:
         if user_id is None or not self.settings.presence:

@@ -104,6 +104,10 @@ class GatewayBackend(ABC):
     name: ClassVar[str]
     """Short name for metrics, spans and logs (``"memory"``, ``"redis"``)."""
 
+    delivers_own_history: ClassVar[bool] = False
+    """Whether :meth:`publish_history` frames come back through ``deliver`` on this process too
+    (in the backend's order), so the gateway must not deliver them itself."""
+
     def _announce(
         self, deliver: Deliver, channel: str, user_id: str, event: PresenceEvent
     ) -> bytes:
@@ -198,6 +202,13 @@ class GatewayBackend(ABC):
 
         Raises:
             BackendUnavailableError: The backend cannot be reached.
+        """
+
+    async def barrier(self) -> None:  # noqa: B027 -- nothing to wait for by default
+        """Return once every frame published before the call has reached ``deliver``.
+
+        Recovery calls it after reading history, so no live frame the history already had
+        is still on its way. A backend that delivers synchronously has nothing to wait for.
         """
 
     # -- tenants ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import random as _random
 import secrets
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeAlias
 
 import redis.asyncio as aioredis
 from opentelemetry.trace import SpanKind
@@ -50,9 +50,10 @@ from opentelemetry.trace import SpanKind
 from dotmac.communications._clock import Clock, system_clock
 from dotmac.communications._redis import (
     bounded_redis_call,
-    create_redis_client,
     redact_url,
+    redis_errors,
     tagged_key,
+    validate_redis_url,
 )
 from dotmac.communications.config import WebSocketsSettings
 from dotmac.communications.errors import (
@@ -79,6 +80,7 @@ __all__ = ["RedisBackend"]
 log = logging.getLogger("dotmac.communications.websockets")
 
 _SEP: Final = b"\x1f"
+_POOL_SIZE: Final = 32  # command connections; a burst beyond waits for one
 _SUBSCRIBE_BATCH: Final = 1000  # channels per SUBSCRIBE when resubscribing everything
 _PING_INTERVAL: Final = 5.0  # seconds between pings on the listener connection
 _STALE_AFTER: Final = 3 * _PING_INTERVAL  # silent this long: the listener link is dead
@@ -87,21 +89,30 @@ _RECONNECTS = "dotmac.websockets.backend.reconnects"
 _LAG = "dotmac.websockets.backend.lag"
 _CONNECTED = "dotmac.websockets.backend.connected"
 
-# KEYS[1]: nodes zset. ARGV: node, ttl ms. Returns {was_new, alive nodes..., "", dead nodes...}.
+# KEYS: nodes zset, this node's marker. ARGV: node, ttl ms. Returns {marker was missing, dead
+# nodes...}: a missing marker (first beat, or swept while silent) means "write everything".
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local added = redis.call('ZADD', KEYS[1], now, ARGV[1])
-local out = {added}
-for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')) do
-  out[#out + 1] = n
-end
-out[#out + 1] = ''
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+local fresh = redis.call('SET', KEYS[2], '1', 'NX') and 1 or 0
+local out = {fresh}
 local cutoff = '(' .. (now - tonumber(ARGV[2]))
 for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)) do
   out[#out + 1] = n
 end
 return out
+"""
+# KEYS: nodes zset, the swept node's marker, its key set, the sweep lock. ARGV: node, ttl ms.
+# Ends a sweep: the node must write everything back if it lives; forgotten if still silent.
+_SWEEP_DONE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('DEL', KEYS[2], KEYS[3])
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < now - tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
+redis.call('DEL', KEYS[4])
+return 1
 """
 # KEYS[1]: nodes zset. ARGV: ttl ms. Returns the live nodes.
 _ALIVE = """
@@ -218,6 +229,67 @@ return 1
 """
 
 
+_Outgoing: TypeAlias = tuple[Any, tuple[Any, ...], "asyncio.Future[Any]"]
+"""A queued command: (script or None for PUBLISH, its arguments, the caller's future)."""
+
+
+def _check_arguments(
+    url: str | None, client: aioredis.Redis | None, prefix: str, **positive: float
+) -> None:
+    if client is None and not url:
+        raise ConfigurationError("RedisBackend needs a Redis url or a client")
+    if client is not None and client.connection_pool.connection_kwargs.get("decode_responses"):
+        raise ConfigurationError(
+            "RedisBackend needs a client without decode_responses (frames are bytes)"
+        )
+    if not prefix or "{" in prefix or "}" in prefix or any(c.isspace() for c in prefix):
+        raise ConfigurationError(
+            f"RedisBackend prefix must be non-empty, without braces or spaces: {prefix!r}"
+        )
+    for label, value in positive.items():
+        if not value > 0:
+            raise ConfigurationError(f"RedisBackend {label} must be positive, got {value!r}")
+
+
+def _create_client(url: str, timeout: float) -> aioredis.Redis:
+    """A client whose pool waits for a free connection instead of failing a burst."""
+    validate_redis_url(url)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=_POOL_SIZE,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def _log_death(task: asyncio.Task[None]) -> None:
+    """A background task must run until close(): say so loudly if one ended."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("gateway Redis backend task %s died: %r", task.get_name(), exc, exc_info=exc)
+
+
+def _fail(batch: list[_Outgoing], exc: BaseException) -> None:
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
+
+
+def _mapped(exc: Exception) -> Exception:
+    """The library's error for a redis-py error returned inside a pipeline's replies."""
+    try:
+        with redis_errors("gateway publish"):
+            raise exc  # noqa: TRY301 -- mapped by the context manager
+    except CommunicationsError as mapped:
+        return mapped
+    except Exception:  # noqa: BLE001 -- not Redis's: returned as it is
+        return exc
+
+
 class RedisBackend(GatewayBackend):
     """Carry a gateway's messages, presence, history and tenant counts across processes.
 
@@ -238,6 +310,7 @@ class RedisBackend(GatewayBackend):
     """
 
     name: ClassVar[str] = "redis"
+    delivers_own_history: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -251,21 +324,16 @@ class RedisBackend(GatewayBackend):
         clock: Clock = system_clock,
         random: _random.Random | None = None,
     ) -> None:
-        if client is None and not url:
-            raise ConfigurationError("RedisBackend needs a Redis url or a client")
-        if not prefix or "{" in prefix or "}" in prefix or any(c.isspace() for c in prefix):
-            raise ConfigurationError(
-                f"RedisBackend prefix must be non-empty, without braces or spaces: {prefix!r}"
-            )
-        for label, value in (
-            ("presence_ttl", presence_ttl),
-            ("operation_timeout", operation_timeout),
-            ("reconnect_max_delay", reconnect_max_delay),
-        ):
-            if not value > 0:
-                raise ConfigurationError(f"RedisBackend {label} must be positive, got {value!r}")
+        _check_arguments(
+            url,
+            client,
+            prefix,
+            presence_ttl=presence_ttl,
+            operation_timeout=operation_timeout,
+            reconnect_max_delay=reconnect_max_delay,
+        )
         self._owns_client = client is None
-        self.client = client if client is not None else create_redis_client(url or "")
+        self.client = client if client is not None else _create_client(url or "", operation_timeout)
         self._url = redact_url(url) if url else "client"
         self.prefix = prefix
         self.presence_ttl = presence_ttl
@@ -277,18 +345,22 @@ class RedisBackend(GatewayBackend):
         self._node = self.node_id.encode()
         self._nodes_key = tagged_key(prefix, "nodes")
         self._node_keys = tagged_key(prefix, "node", self.node_id)
-        self._heartbeat = self.client.register_script(_HEARTBEAT)
-        self._alive_script = self.client.register_script(_ALIVE)
-        self._presence_set = self.client.register_script(_PRESENCE_SET)
-        self._presence_drop = self.client.register_script(_PRESENCE_DROP)
-        self._history_publish = self.client.register_script(_HISTORY_PUBLISH)
-        self._history_read = self.client.register_script(_HISTORY_READ)
-        self._tenant_reserve = self.client.register_script(_TENANT_RESERVE)
+        register = self.client.register_script
+        self._heartbeat = register(_HEARTBEAT)
+        self._sweep_done = register(_SWEEP_DONE)
+        self._alive_script = register(_ALIVE)
+        self._presence_set = register(_PRESENCE_SET)
+        self._presence_drop = register(_PRESENCE_DROP)
+        self._history_publish = register(_HISTORY_PUBLISH)
+        self._history_read = register(_HISTORY_READ)
+        self._tenant_reserve = register(_TENANT_RESERVE)
         self._deliver: Deliver | None = None
         self._closed = False
         # Pub/sub channel name -> gateway channel, for every channel wanted now.
         self._wanted: dict[bytes, str] = {}
         self._acks: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._pongs: dict[bytes, asyncio.Future[None]] = {}  # barrier token -> its waiter
+        self._barriers = 0
         self._ops: list[tuple[str, bytes]] = []
         self._flush_scheduled = False
         self._conn: Any = None  # the listener's connection while it is up
@@ -297,18 +369,23 @@ class RedisBackend(GatewayBackend):
         self._last_seen = 0.0
         self._reconnects = 0
         self._reconnect_hooks: list[ReconnectHook] = []
-        self._outbox: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        self._outbox: list[_Outgoing] = []
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._presence_counts: dict[tuple[str, str], int] = {}
+        self._presence_users: dict[str, int] = {}  # channel -> users with a count here
         self._tenant_counts: dict[str, int] = {}
         self._pending_tenants: dict[str, int] = {}
         self._release_scheduled = False
         self._dead: tuple[str, ...] = ()  # processes silent past presence_ttl, at the last beat
         self._beaten = False
-        self._reconnect_counter = metrics.counter(_RECONNECTS, unit="{reconnect}").bind()
-        self._lag = metrics.histogram(_LAG, unit="s").bind()
-        self._connected_gauge = metrics.up_down_counter(_CONNECTED, unit="1").bind()
+        self._write_back_needed = False
+        self._sweeper: asyncio.Task[None] | None = None
+        self._reconnect_counter, self._lag, self._connected_gauge = (
+            metrics.counter(_RECONNECTS, unit="{reconnect}").bind(),
+            metrics.histogram(_LAG, unit="s").bind(),
+            metrics.up_down_counter(_CONNECTED, unit="1").bind(),
+        )
 
     @classmethod
     def from_config(cls, settings: WebSocketsSettings, **kwargs: Any) -> RedisBackend:
@@ -366,6 +443,8 @@ class RedisBackend(GatewayBackend):
             loop.create_task(self._send_outbox(), name="dotmac-ws-redis-publisher"),
             loop.create_task(self._housekeeping(), name="dotmac-ws-redis-housekeeping"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(_log_death)
         try:
             async with asyncio.timeout(self._timeout):
                 await self._connected.wait()
@@ -381,6 +460,8 @@ class RedisBackend(GatewayBackend):
         if self._closed:
             return
         self._closed = True
+        if self._sweeper is not None:
+            self._tasks.append(self._sweeper)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -393,14 +474,14 @@ class RedisBackend(GatewayBackend):
                 if not future.done():
                     future.set_result(None)
         self._acks.clear()
-        for *_, future in self._outbox:
-            if not future.done():
-                future.set_exception(WebSocketError("RedisBackend closed"))
+        _fail(self._outbox, WebSocketError("RedisBackend closed"))
         self._outbox.clear()
+        self._release_pongs()
         if self._deliver is not None:
             try:  # leave at once rather than after presence_ttl
                 async with bounded_redis_call("gateway backend close", self._timeout):
                     await self._sweep_node(self.node_id, announce=False)
+                    await self.client.delete(self._node_keys, self._marker_key(self.node_id))
                     await self.client.zrem(self._nodes_key, self.node_id)
             except CommunicationsError as exc:
                 log.warning("gateway backend close: presence not withdrawn: %s", exc)
@@ -433,11 +514,12 @@ class RedisBackend(GatewayBackend):
 
     # -- publishing ------------------------------------------------------------------------
 
-    def _envelope_head(self) -> bytes:
+    def _envelope_head(self, origin: bytes | None = None) -> bytes:
         traceparent = b""
         if tracing.is_active():
             traceparent = (tracing.current_traceparent() or "").encode()
-        return b"%s\x1f%d\x1f%s\x1f" % (self._node, int(self._clock.time() * 1000), traceparent)
+        node = self._node if origin is None else origin
+        return b"%s\x1f%d\x1f%s\x1f" % (node, int(self._clock.time() * 1000), traceparent)
 
     async def publish(self, channel: str, frame: bytes) -> None:
         """Send ``frame`` to the other processes (pipelined with overlapping publishes).
@@ -445,13 +527,22 @@ class RedisBackend(GatewayBackend):
         Raises:
             BackendUnavailableError: Redis cannot be reached.
             OperationTimeoutError: Redis did not answer within ``operation_timeout``.
+            WebSocketError: The backend is not started, or closed.
         """
-        if self._deliver is None:
-            raise WebSocketError("RedisBackend is not started")
-        future = asyncio.get_running_loop().create_future()
-        self._outbox.append((self._pubsub_name(channel), self._envelope_head() + frame, future))
+        await self._send(None, (self._pubsub_name(channel), self._envelope_head() + frame))
+
+    async def _send(self, script: Any, args: tuple[Any, ...]) -> Any:
+        """Queue a PUBLISH (``script`` None) or a script call; wait for its reply.
+
+        One task sends the queue in order, a pipeline per batch: history appends keep the order
+        of the calls, and a burst of publishes costs one round trip.
+        """
+        if self._deliver is None or self._closed:
+            raise WebSocketError("RedisBackend is not started (or closed)")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._outbox.append((script, args, future))
         self._outbox_ready.set()
-        await future
+        return await future
 
     async def _send_outbox(self) -> None:
         while True:
@@ -462,29 +553,40 @@ class RedisBackend(GatewayBackend):
                 continue
             try:
                 try:
-                    await self._publish_batch(batch)
+                    replies = await self._send_batch(batch)
                 except BackendUnavailableError:
+                    if any(script is not None for script, _, _ in batch):
+                        raise  # a script may have run: not repeated
                     # Once more, at once: after Redis restarted, a pooled connection fails on
                     # its first use and is replaced by a fresh one.
-                    await self._publish_batch(batch)
+                    replies = await self._send_batch(batch)
             except CommunicationsError as exc:
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                _fail(batch, exc)
                 continue
-            for *_, future in batch:
-                if not future.done():
-                    future.set_result(None)
+            except asyncio.CancelledError:
+                _fail(batch, WebSocketError("RedisBackend closed"))
+                raise
+            for (_, _, future), reply in zip(batch, replies, strict=True):
+                if future.done():
+                    continue
+                if isinstance(reply, Exception):  # this command's own error in the pipeline
+                    future.set_exception(_mapped(reply))
+                else:
+                    future.set_result(reply)
 
-    async def _publish_batch(self, batch: list[tuple[bytes, bytes, asyncio.Future[None]]]) -> None:
+    async def _send_batch(self, batch: list[_Outgoing]) -> list[Any]:
         async with bounded_redis_call("gateway publish", self._timeout):
-            if len(batch) == 1:
-                await self.client.publish(batch[0][0], batch[0][1])
-                return
+            if len(batch) == 1 and batch[0][0] is None:
+                name, payload = batch[0][1]
+                return [await self.client.publish(name, payload)]
             async with self.client.pipeline(transaction=False) as pipe:
-                for name, payload, _ in batch:
-                    pipe.publish(name, payload)
-                await pipe.execute()
+                for script, args, _ in batch:
+                    if script is None:
+                        pipe.publish(*args)
+                    else:
+                        keys, argv = args
+                        await script(keys=keys, args=argv, client=pipe)
+                return list(await pipe.execute(raise_on_error=False))
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -540,6 +642,8 @@ class RedisBackend(GatewayBackend):
             self._tasks.remove(task)
 
     async def _write(self, conn: Any, packed: list[bytes]) -> None:
+        if conn is not self._conn:
+            return  # a dropped link: writing would make redis-py reconnect it, unread
         try:
             await conn.send_packed_command(packed, check_health=False)
         except Exception as exc:  # noqa: BLE001 -- the listener notices and reconnects
@@ -614,6 +718,36 @@ class RedisBackend(GatewayBackend):
                 if not future.done():
                     future.set_result(None)
         self._acks.clear()
+        self._release_pongs()
+
+    def _release_pongs(self) -> None:
+        # Nothing more arrives on a lost link: a barrier has nothing left to wait for.
+        for waiter in self._pongs.values():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._pongs.clear()
+
+    async def barrier(self) -> None:
+        """Return once every frame published before the call has reached ``deliver``.
+
+        A ``PING`` with a token goes down the listener's link; Redis answers it after every
+        message it pushed to this subscriber before, so its pong comes after them. Bounded by
+        ``operation_timeout``; immediate while the link is down (nothing arrives then).
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        self._barriers += 1
+        token = b"b%d" % self._barriers
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs[token] = waiter
+        self._write_soon(conn, conn.pack_commands([["PING", token]]))
+        try:
+            async with asyncio.timeout(self._timeout):
+                await waiter
+        except TimeoutError:
+            self._pongs.pop(token, None)
+            log.warning("Redis did not answer the listener's barrier ping in time")
 
     def _go_live(self, conn: Any) -> None:
         """Mark the link up and send every wanted channel (one write, batched SUBSCRIBEs)."""
@@ -653,13 +787,14 @@ class RedisBackend(GatewayBackend):
         if deliver is None:
             return
         wanted = self._wanted
-        acks = self._acks
         node = self._node
         clock = self._clock
         loop_time = asyncio.get_running_loop().time
         while True:
             response = await conn.read_response(timeout=None, push_request=True)
             self._last_seen = loop_time()
+            if isinstance(response, bytes):  # a pong as a plain reply (as redis-py parses it)
+                response = [b"pong", b"" if response == b"PONG" else response]
             kind = response[0]
             if kind == b"message":
                 channel = wanted.get(response[1])
@@ -678,14 +813,23 @@ class RedisBackend(GatewayBackend):
                 # delivery must not take the link down with it.
                 except Exception:
                     log.exception("gateway dropped a frame from Redis on %r", channel)
-            elif kind == b"subscribe":
-                futures = acks.get(response[1])
-                if futures:
-                    future = futures.popleft()
-                    if not futures:
-                        del acks[response[1]]
-                    if not future.done():
-                        future.set_result(None)
+            else:
+                self._control(kind, response)
+
+    def _control(self, kind: bytes, response: list[Any]) -> None:
+        """A reply on the listener's link other than a message: a pong or a subscribe ack."""
+        if kind == b"pong":
+            waiter = self._pongs.pop(response[1], None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif kind == b"subscribe":
+            futures = self._acks.get(response[1])
+            if futures:
+                future = futures.popleft()
+                if not futures:
+                    del self._acks[response[1]]
+                if not future.done():
+                    future.set_result(None)
 
     @staticmethod
     def _deliver_traced(deliver: Deliver, channel: str, frame: bytes, traceparent: bytes) -> None:
@@ -716,8 +860,6 @@ class RedisBackend(GatewayBackend):
                 next_beat = now + beat_every
                 try:
                     await self._beat()
-                    if self._pending_tenants:
-                        await self._write_releases()
                 except CommunicationsError as exc:
                     log.warning("gateway presence heartbeat failed: %s", exc)
 
@@ -737,41 +879,64 @@ class RedisBackend(GatewayBackend):
         self._write_soon_task(self._write(conn, packed))
 
     async def _beat(self) -> None:
-        """Heartbeat; sweep dead processes; write everything back if this one was swept."""
+        """Heartbeat; start sweeping dead processes; write everything back if swept."""
         ttl_ms = int(self.presence_ttl * 1000)
         async with bounded_redis_call("gateway heartbeat", self._timeout):
-            reply = await self._heartbeat(keys=[self._nodes_key], args=[self.node_id, ttl_ms])
-        added = int(reply[0])
-        split = reply.index(b"")
-        dead = [n.decode() for n in reply[split + 1 :]]
-        self._dead = tuple(dead)
-        if added and self._beaten:
+            reply = await self._heartbeat(
+                keys=[self._nodes_key, self._marker_key(self.node_id)], args=[self.node_id, ttl_ms]
+            )
+        if int(reply[0]) and self._beaten:
             log.warning("gateway node %s was taken for dead; writing its state back", self.node_id)
-            await self._write_back()
+            self._write_back_needed = True
         self._beaten = True
+        self._dead = tuple(n.decode() for n in reply[1:])
+        if self._write_back_needed:
+            await self._write_back()
+            self._write_back_needed = False
+        if self._pending_tenants:
+            await self._write_releases()
+        if self._dead and (self._sweeper is None or self._sweeper.done()):
+            self._sweeper = asyncio.get_running_loop().create_task(
+                self._sweep_dead(self._dead), name="dotmac-ws-redis-sweeper"
+            )
+
+    def _marker_key(self, node: str) -> str:
+        return tagged_key(self.prefix, "node", node, "alive")
+
+    async def _sweep_dead(self, dead: tuple[str, ...]) -> None:
+        """Sweep each silent process once (a lock per process), then forget it."""
+        lock_ms = int(self._timeout * 8 * 1000)
         for node in dead:
-            async with bounded_redis_call("gateway sweep", self._timeout):
-                claimed = await self.client.zrem(self._nodes_key, node)
-            if claimed:
+            lock = tagged_key(self.prefix, "node", node, "sweeping")
+            try:
+                async with bounded_redis_call("gateway sweep", self._timeout):
+                    if not await self.client.set(lock, self.node_id, nx=True, px=lock_ms):
+                        continue  # another process sweeps it
                 log.info("gateway node %s stopped heartbeating; sweeping its presence", node)
                 async with bounded_redis_call("gateway sweep", self._timeout * 4):
                     await self._sweep_node(node, announce=True)
+                    await self._sweep_done(
+                        keys=[self._nodes_key, self._marker_key(node),
+                              tagged_key(self.prefix, "node", node), lock],
+                        args=[node, int(self.presence_ttl * 1000)],
+                    )  # fmt: skip
+            except CommunicationsError as exc:  # the lock expires: swept again later
+                log.warning("gateway sweep of node %s failed: %s", node, exc)
 
     async def _sweep_node(self, node: str, *, announce: bool) -> None:
         """Remove ``node``'s presence and tenant counts (announcing leaves if asked)."""
-        keys_key = tagged_key(self.prefix, "node", node)
-        keys = await self.client.smembers(keys_key)
+        keys = await self.client.smembers(tagged_key(self.prefix, "node", node))
+        tenant_prefix = f"{self.prefix}:tenant:"
         for raw in keys:
             key = raw.decode() if isinstance(raw, bytes) else raw
-            if key.endswith(":presence"):
-                left = await self._presence_drop(keys=[key], args=[node])
-                if announce and left:
-                    channel = key[len(self.prefix) + 2 : -len("}:presence")]
-                    for user in left:
-                        await self._announce_everywhere(channel, user.decode(), "leave")
-            else:
+            if key.startswith(tenant_prefix):
                 await self.client.hdel(key, node)
-        await self.client.delete(keys_key)
+                continue
+            left = await self._presence_drop(keys=[key], args=[node])
+            if announce and left:
+                channel = key[len(self.prefix) + 2 : -len("}:presence")]
+                for user in left:
+                    await self._announce_everywhere(channel, user.decode(), "leave")
 
     async def _write_back(self) -> None:
         counts = dict(self._presence_counts)
@@ -786,6 +951,7 @@ class RedisBackend(GatewayBackend):
                 pipe.hset(key, self.node_id, count)
                 pipe.sadd(self._node_keys, key)
             await pipe.execute()
+        self._pending_tenants.clear()  # the absolute counts written include those releases
 
     # -- presence --------------------------------------------------------------------------
 
@@ -803,11 +969,17 @@ class RedisBackend(GatewayBackend):
     async def set_presence(self, counts: Mapping[tuple[str, str], int]) -> None:
         """Write this process's counts (one script per channel, pipelined); announce changes."""
         by_channel: dict[str, list[str]] = {}
+        users = self._presence_users
         for (channel, user_id), count in counts.items():
+            before = self._presence_counts.get((channel, user_id), 0)
             if count > 0:
                 self._presence_counts[channel, user_id] = count
             else:
                 self._presence_counts.pop((channel, user_id), None)
+            if (before > 0) != (count > 0):  # this process's users per channel
+                users[channel] = users.get(channel, 0) + (1 if count > 0 else -1)
+                if not users[channel]:
+                    del users[channel]
             by_channel.setdefault(channel, [self.node_id]).extend((user_id, str(count)))
         channels = list(by_channel)
         async with (
@@ -817,7 +989,11 @@ class RedisBackend(GatewayBackend):
             for channel in channels:
                 key = self._key(channel, "presence")
                 await self._presence_set(keys=[key], args=by_channel[channel], client=pipe)
-                pipe.sadd(self._node_keys, key)
+                # The sweep's list of what this process wrote: only channels it still is in.
+                if channel in users:
+                    pipe.sadd(self._node_keys, key)
+                else:
+                    pipe.srem(self._node_keys, key)
             replies = await pipe.execute()
         for channel, reply in zip(channels, replies[::2], strict=True):
             for i in range(0, len(reply), 2):
@@ -850,7 +1026,11 @@ class RedisBackend(GatewayBackend):
     # -- history ---------------------------------------------------------------------------
 
     async def publish_history(self, channel: str, frame: bytes, *, size: int, ttl: float) -> bytes:
-        """Append ``frame`` to the channel's stream with the next offset, and publish it."""
+        """Append ``frame`` with the next offset and publish it to every process, this one too.
+
+        Every process, this one included, delivers history frames from the pub/sub stream, in
+        the order Redis appended them (:attr:`delivers_own_history`).
+        """
         keys = [self._key(channel, "history"), self._key(channel, "meta")]
         args: list[bytes | str | int] = [
             frame,
@@ -858,10 +1038,9 @@ class RedisBackend(GatewayBackend):
             max(1, int(ttl * 1000)),
             new_epoch(),
             self._pubsub_name(channel),
-            self._envelope_head(),
+            self._envelope_head(origin=b""),  # no origin: this process delivers it too
         ]
-        async with bounded_redis_call("gateway history publish", self._timeout):
-            result: bytes = await self._history_publish(keys=keys, args=args)
+        result: bytes = await self._send(self._history_publish, (keys, args))
         return result
 
     async def read_history(self, channel: str, since: StreamPosition) -> HistoryReplay:
@@ -876,7 +1055,7 @@ class RedisBackend(GatewayBackend):
     # -- tenants ---------------------------------------------------------------------------
 
     def _tenant_key(self, tenant_id: str) -> str:
-        return f"{self.prefix}:tenant:{tenant_id}"
+        return f"{self.prefix}:tenant:{{{tenant_id}}}"
 
     async def reserve_tenant(self, tenant_id: str, limit: int) -> bool:
         """Take a slot of ``tenant_id`` if live processes hold fewer than ``limit``."""
@@ -924,7 +1103,12 @@ class RedisBackend(GatewayBackend):
                 self.client.pipeline(transaction=False) as pipe,
             ):
                 for tenant_id, released in pending.items():
-                    pipe.hincrby(self._tenant_key(tenant_id), self.node_id, -released)
+                    key = self._tenant_key(tenant_id)
+                    if tenant_id in self._tenant_counts:
+                        pipe.hincrby(key, self.node_id, -released)
+                    else:  # none left here
+                        pipe.hdel(key, self.node_id)
+                        pipe.srem(self._node_keys, key)
                 await pipe.execute()
         except CommunicationsError as exc:
             log.warning("gateway tenant slots not released in Redis (%s); retrying later", exc)
