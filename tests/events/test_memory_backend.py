@@ -16,7 +16,9 @@ from dotmac.communications.events import (
     RedisStreamsBackend,
     UnknownBackendError,
 )
+from dotmac.communications.events.backends import GroupId
 from dotmac.communications.observability import metrics
+from dotmac.communications.testing import FakeClock
 
 
 async def test_publish_waits_while_a_group_is_full_then_times_out() -> None:
@@ -137,3 +139,46 @@ async def test_a_group_without_consumers_drops_oldest_instead_of_blocking() -> N
     again.subscribe("d.t", handle, group="offline")
     async with again:
         await eventually(lambda: got == [7, 8, 9])  # the newest maxlen events were kept
+
+
+async def test_a_claimed_entry_is_settled_only_by_its_claimer() -> None:
+    """Once another consumer claims an idle entry, the first one can no longer ack or renew it."""
+    clock = FakeClock()
+    backend = MemoryBackend(claim_idle=10.0, clock=clock)
+    gid = GroupId("g", "c.t")
+    await backend.declare_group(gid)
+    first, second = backend.consumer(gid, "first"), backend.consumer(gid, "second")
+    assert backend.try_publish(Event("c.t", {"n": 1}))
+    (taken,) = await first.fetch(10, 0.01)
+    clock.advance(11.0)
+    (claimed,) = await second.fetch(10, 0.01)
+    assert (claimed.entry_id, claimed.attempt) == (taken.entry_id, 2)
+    assert claimed.event is not None
+    assert taken.event is not None
+    claimed.event.data["n"] = 2
+    assert taken.event.data == {"n": 1}  # each delivery decodes its own copy
+    await first.record_failure(taken)
+    await first.keepalive([taken])
+    await first.ack([taken])  # ignored: second owns it now
+    clock.advance(11.0)
+    (again,) = await first.fetch(10, 0.01)  # still pending, and idle again: claimed back
+    assert (again.entry_id, again.attempt) == (taken.entry_id, 3)
+    await second.ack([claimed])  # ignored as well: first owns it again
+    await first.ack([again])
+    clock.advance(11.0)
+    assert await second.fetch(10, 0.01) == []  # settled: nothing left to claim
+
+
+async def test_single_publishes_are_counted_by_the_next_loop_turn() -> None:
+    """publish() on memory adds its sent count in bulk one event-loop turn later, and on stop."""
+    sent = "messaging.client.sent.messages"
+    where = {"messaging.destination.name": "s.t"}
+    before = metrics.value(sent, where)
+    bus = EventBus(MemoryBackend())
+    async with bus:
+        for n in range(3):
+            await bus.publish("s.t", n)
+        await asyncio.sleep(0)
+        assert metrics.value(sent, where) - before == 3
+        await bus.publish("s.t", 3)
+    assert metrics.value(sent, where) - before == 4  # stop() counts what is left

@@ -37,6 +37,9 @@ __all__ = ["EventBus"]
 
 H = TypeVar("H", bound=Handler)
 
+_JSON_TYPES = frozenset({dict, list, str, int, float, bool, type(None)})
+"""Types of ``data`` that cannot be a pydantic model (skips an ``isinstance`` per publish)."""
+
 _SENT = "messaging.client.sent.messages"
 _OPERATION = "messaging.client.operation.duration"
 
@@ -134,6 +137,7 @@ class EventBus:
         self._started = False
         self._pending_starts: set[asyncio.Task[None]] = set()
         self._bound: dict[str, tuple[metrics.BoundHistogram, metrics.BoundCounter]] = {}
+        self._unsent: dict[str, int] = {}  # published, not counted yet (see _flush_sent)
         self._remote = self.backend.system != "memory"
 
     @classmethod
@@ -267,12 +271,28 @@ class EventBus:
             PublishTimeoutError: The memory backend stayed full for ``publish_timeout``.
             BackendUnavailableError: Redis could not be reached (after the publish retries).
         """
-        event = self._build(
-            topic, data, key=key, headers=headers, tenant_id=tenant_id, subject=subject,
-            correlation_id=correlation_id, causation_id=causation_id,
-        )  # fmt: skip
+        if (
+            key is None and headers is None and tenant_id is None and subject is None
+            and correlation_id is None and causation_id is None and type(topic) is str
+            and (type(data) in _JSON_TYPES or not isinstance(data, BaseModel))
+        ):  # fmt: skip
+            event = Event._plain(topic, data, self.source)  # the common case, built directly
+        else:
+            event = self._build(
+                topic, data, key=key, headers=headers, tenant_id=tenant_id, subject=subject,
+                correlation_id=correlation_id, causation_id=causation_id,
+            )  # fmt: skip
         if tracing.is_active():
             await self._send([event])
+            return event
+        # The hot path: stored at once when the backend can (memory with room), else awaited.
+        event.data_json(max_bytes=self.max_event_bytes)
+        if self.backend.try_publish(event):
+            # Counted in bulk at the event loop's next turn: a burst of publishes costs one add.
+            unsent = self._unsent
+            if not unsent:
+                asyncio.get_running_loop().call_soon(self._flush_sent)
+            unsent[event.type] = unsent.get(event.type, 0) + 1
         else:
             await self._store([event])
         return event
@@ -371,7 +391,7 @@ class EventBus:
         topic = events[0].type
         duration, sent = self._publish_metrics(topic)
         if len(events) == 1 and not self._remote:
-            sent.add(1)  # the common case: one event in memory, no round trip to time
+            sent.add(1)  # one event in memory: no round trip to time
             return
         if self._remote:
             # A client operation's duration means a broker round trip; in memory there is none.
@@ -394,6 +414,11 @@ class EventBus:
             if len(self._bound) < 10_000:  # topics are few; never grow without bound
                 self._bound[topic] = bound
         return bound
+
+    def _flush_sent(self) -> None:
+        unsent, self._unsent = self._unsent, {}
+        for topic, count in unsent.items():
+            self._publish_metrics(topic)[1].add(count)
 
     # ---------------------------------------------------------------------------- subscribe
     @overload
@@ -574,6 +599,7 @@ class EventBus:
         runners = list(self._runners.values())
         self._runners.clear()
         await asyncio.gather(*(runner.stop(self.shutdown_timeout) for runner in runners))
+        self._flush_sent()
         await self.backend.close()
 
     async def __aenter__(self) -> Self:

@@ -166,7 +166,7 @@ class Event:
         new.type = validate_topic(type)
         new._data = data
         new._data_json = None
-        new.id = new_event_id()
+        new.id = f"{_prefix}{next(_counter):012x}"  # new_event_id(), inlined
         new.source = source
         new._dt = None
         new._ts = _time.time()
@@ -228,7 +228,7 @@ class Event:
         """
         raw = self._data_json
         if raw is None:
-            raw = self._data_json = dumps(self.data)
+            raw = self._data_json = dumps(self._data)
         if max_bytes is not None and len(raw) > max_bytes:
             raise EventTooLargeError(
                 f"event {self.type!r} data is {len(raw)} bytes serialised; the limit is "
@@ -243,10 +243,11 @@ class Event:
         thousands of queued events cost it nothing; :meth:`from_record` rebuilds the event.
         """
         headers = tuple(self.headers.items()) if self.headers else None
+        raw = self._data_json
         return (
             self.type, self.id, self.source, self._ts, self._dt, self.datacontenttype,
             self.subject, self.key, self.tenant_id, self.correlation_id, self.causation_id,
-            self.traceparent, headers, self.data_json(),
+            self.traceparent, headers, self.data_json() if raw is None else raw,
         )  # fmt: skip
 
     @classmethod

@@ -173,7 +173,9 @@ class SubscriptionRunner:
         self._stopping = False
         self.fetch_errors = 0
         """Consecutive failed fetches (health turns ``fail`` while the backend is away)."""
+        self._room_wanted = False  # the fetch loop waits for room (settling then checks)
         self._process_bound: dict[str, metrics.BoundHistogram] = {}
+        self._consumed_bound: dict[str, metrics.BoundCounter] = {}
         self._attrs = {
             "messaging.system": system,
             "messaging.consumer.group.name": sub.group,
@@ -235,6 +237,7 @@ class SubscriptionRunner:
             room = self._room_left()
             if room < low_water:
                 self._room.clear()
+                self._room_wanted = True
                 await self._room.wait()
                 continue
             try:
@@ -262,66 +265,118 @@ class SubscriptionRunner:
 
     def _dispatch(self, batch: list[Delivery]) -> None:
         now = time.monotonic()
-        counts: dict[str, int] = {}
+        in_flight = self._in_flight
+        ready = self._ready
+        busy_keys = self._busy_keys
+        topic = batch[0].topic
+        count = 0
         for delivery in batch:
             delivery.started = now
-            self._in_flight[delivery.stream, delivery.entry_id] = delivery
-            counts[delivery.topic] = counts.get(delivery.topic, 0) + 1
-            key = delivery.event.key if delivery.event is not None else None
+            in_flight[delivery.stream, delivery.entry_id] = delivery
+            if delivery.topic != topic:  # batches are mostly of one topic: count runs of it
+                self._count_consumed(topic, count)
+                topic, count = delivery.topic, 0
+            count += 1
+            event = delivery.event
+            key = event.key if event is not None else None
             if key is not None:
-                parked = self._busy_keys.get(key)
+                parked = busy_keys.get(key)
                 if parked is not None:
                     parked.append(delivery)
                     self._parked += 1
                     continue
-                self._busy_keys[key] = deque()
-            self._ready.append(delivery)
+                busy_keys[key] = deque()
+            ready.append(delivery)
         self._ready_wakeup.set()
-        consumed = metrics.counter(_CONSUMED, unit="{message}")
-        for topic, count in counts.items():
-            consumed.add(count, {**self._attrs, "messaging.destination.name": topic})
+        self._count_consumed(topic, count)
+
+    def _count_consumed(self, topic: str, count: int) -> None:
+        bound = self._consumed_bound.get(topic)
+        if bound is None:
+            attrs = {**self._attrs, "messaging.destination.name": topic}
+            bound = metrics.counter(_CONSUMED, unit="{message}").bind(attrs)
+            if len(self._consumed_bound) < 10_000:  # topics are few; never grow without bound
+                self._consumed_bound[topic] = bound
+        bound.add(count)
 
     # ------------------------------------------------------------------------------ handling
     async def _worker(self) -> None:
         ready = self._ready
         wakeup = self._ready_wakeup
+        handler = self.sub.handler
+        plain = self.sub.model is None
+        max_attempts = self.sub.retry.max_attempts
+        perf_counter = time.perf_counter
+        process_bound = self._process_bound
+        in_flight = self._in_flight
         while True:
             if not ready:
                 wakeup.clear()
                 await wakeup.wait()
                 continue
             delivery = ready.popleft()
+            event = delivery.event
             self._active += 1
             try:
-                await self._chain(delivery)
+                if (
+                    plain and event is not None and event.key is None
+                    and delivery.attempt <= max_attempts and not tracing.is_active()
+                ):  # fmt: skip
+                    # The common case, handled right here: no key to order, no model to check,
+                    # no span to open.
+                    start = perf_counter()
+                    try:
+                        await handler(event)
+                    except Exception as exc:  # noqa: BLE001 -- a failure is data: retry or dead-letter
+                        delay = await self._failed(delivery, exc)
+                        if delay is not None:
+                            self._schedule_retry(delivery, delay)
+                    else:
+                        # _succeeded(), written out for this path.
+                        elapsed = perf_counter() - start
+                        topic = delivery.topic
+                        (process_bound.get(topic) or self._process_metric(topic)).record(elapsed)
+                        in_flight.pop((delivery.stream, delivery.entry_id), None)
+                        if self._room_wanted:
+                            self._check_room()
+                        self._add_ack(delivery)
+                else:
+                    await self._chain(delivery)
+            except Exception:  # noqa: BLE001 -- logged by _unsettled()
+                # Deliberately broad: a worker must outlive any one delivery (_chain has its own).
+                self._unsettled(delivery)
             finally:
                 self._active -= 1
                 if not self._active and not ready:
                     self._idle.set()
 
     async def _chain(self, first: Delivery) -> None:
+        """Handle a delivery, then its key's parked successors in order."""
         delivery: Delivery | None = first
         while delivery is not None:
             try:
                 delay = await self._attempt(delivery)
-            except Exception:
-                # Deliberately broad: a worker must outlive any one delivery. Not acknowledged,
-                # the delivery stays pending and is claimed again after claim_idle.
-                log.exception(
-                    "events: could not settle %s entry %s; leaving it for a later claim",
-                    delivery.topic, delivery.entry_id,
-                )  # fmt: skip
-                self._abandon(delivery)
+            except Exception:  # noqa: BLE001 -- logged by _unsettled()
+                # Deliberately broad: a worker must outlive any one delivery.
+                self._unsettled(delivery)
                 delay = None
             if delay is not None:
                 self._schedule_retry(delivery, delay)
                 return  # the key stays busy until the retry settles it
-            delivery = self._next_for_key(delivery)
+            event = delivery.event
+            if event is None or event.key is None:
+                return
+            delivery = self._next_for_key(event.key)
 
-    def _next_for_key(self, done: Delivery) -> Delivery | None:
-        key = done.event.key if done.event is not None else None
-        if key is None:
-            return None
+    def _unsettled(self, delivery: Delivery) -> None:
+        # Not acknowledged, the delivery stays pending and is claimed again after claim_idle.
+        log.exception(
+            "events: could not settle %s entry %s; leaving it for a later claim",
+            delivery.topic, delivery.entry_id,
+        )  # fmt: skip
+        self._abandon(delivery)
+
+    def _next_for_key(self, key: str) -> Delivery | None:
         parked = self._busy_keys.get(key)
         if parked:
             self._parked -= 1
@@ -331,6 +386,31 @@ class SubscriptionRunner:
 
     async def _attempt(self, delivery: Delivery) -> float | None:
         """Run the handler once; return a retry delay, or None when the delivery is settled."""
+        sub = self.sub
+        event = delivery.event
+        if event is None or delivery.attempt > sub.retry.max_attempts or sub.model is not None:
+            event = await self._admit(delivery)
+            if event is None:
+                return None  # dead-lettered
+        start = time.perf_counter()
+        try:
+            if tracing.is_active():
+                await self._traced(event)
+            else:
+                await sub.handler(event)
+        except Exception as exc:  # noqa: BLE001 -- a handler's failure is data: retry or dead-letter
+            return await self._failed(delivery, exc)
+        self._succeeded(delivery, time.perf_counter() - start)
+        return None
+
+    def _succeeded(self, delivery: Delivery, elapsed: float) -> None:
+        bound = self._process_bound.get(delivery.topic) or self._process_metric(delivery.topic)
+        bound.record(elapsed)
+        self._settled(delivery)
+        self._add_ack(delivery)
+
+    async def _admit(self, delivery: Delivery) -> Event | None:
+        """Check a delivery before its handler runs: its event, or None once dead-lettered."""
         sub = self.sub
         event = delivery.event
         if event is None:
@@ -351,19 +431,13 @@ class SubscriptionRunner:
                     delivery, f"data does not match {sub.model.__name__}: {exc}"
                 )
                 return None
-        start = time.perf_counter()
-        try:
-            if tracing.is_active():
-                await self._traced(event)
-            else:
-                await sub.handler(event)
-        except Exception as exc:  # noqa: BLE001 -- a handler's failure is data: retry or dead-letter
-            return await self._failed(delivery, exc)
-        self._process_metric(delivery.topic).record(time.perf_counter() - start)
-        self._settled(delivery)
-        self._acks.append(delivery)
-        self._ack_wakeup.set()
-        return None
+        return event
+
+    def _add_ack(self, delivery: Delivery) -> None:
+        acks = self._acks
+        acks.append(delivery)
+        if len(acks) == 1:  # the flusher takes the whole list: wake it once per batch
+            self._ack_wakeup.set()
 
     def _process_metric(self, topic: str) -> metrics.BoundHistogram:
         bound = self._process_bound.get(topic)
@@ -456,8 +530,7 @@ class SubscriptionRunner:
         attrs = {**self._attrs, "messaging.destination.name": delivery.topic}
         metrics.counter(_DROPPED, unit="{message}").add(1, attrs)
         self._settled(delivery)
-        self._acks.append(delivery)
-        self._ack_wakeup.set()
+        self._add_ack(delivery)
 
     def _abandon(self, delivery: Delivery) -> None:
         """Stop tracking a delivery left unsettled; the backend hands it out again later."""
@@ -466,7 +539,13 @@ class SubscriptionRunner:
 
     def _settled(self, delivery: Delivery) -> None:
         self._in_flight.pop((delivery.stream, delivery.entry_id), None)
+        if self._room_wanted:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        # Wake the fetch loop (waiting for room) once a worthwhile batch fits.
         if self._room_left() >= self._low_water:
+            self._room_wanted = False
             self._room.set()
 
     def _room_left(self) -> int:

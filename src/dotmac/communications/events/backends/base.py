@@ -142,6 +142,15 @@ class EventBackend(ABC):
             BackendUnavailableError: The backend cannot be reached.
         """
 
+    def try_publish(self, event: Event) -> bool:
+        """Store one event at once if that needs no waiting and no I/O; tell whether it did.
+
+        The bus's fast path for a single publish (the memory backend with room in every
+        group); ``False`` (the default) means the caller awaits :meth:`publish` instead.
+        ``event.data_json()`` is cached, as for :meth:`publish`.
+        """
+        return False
+
     @abstractmethod
     async def declare_group(self, group: GroupId) -> None:
         """Create the group if new; it receives every matching event published from now on."""

@@ -16,7 +16,6 @@ import logging
 import re
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,13 +39,32 @@ _DROPPED = "dotmac.events.dropped"
 _Entry = tuple[str, str, tuple[Any, ...]]
 
 
-@dataclass(slots=True)
-class _Pending:
-    entry: _Entry
-    consumer: str
-    delivered_at: float
-    deliveries: int
-    failures: int = 0
+class _MemoryDelivery(Delivery):
+    """A delivery that is also its group's pending entry.
+
+    The group's pending list maps an entry id to the delivery that owns it: a claim replaces
+    it with the claimer's, so only the current owner (compared by identity) settles it.
+    """
+
+    __slots__ = ("claimed_at", "deliveries", "entry", "failures")
+
+    def __init__(self, entry: _Entry, claimed_at: float, deliveries: int, failures: int) -> None:
+        # Written out rather than Delivery.__init__(...): this runs once per delivered event.
+        attempt = deliveries if deliveries > failures else failures + 1
+        entry_id, topic, record = entry
+        self.entry_id = entry_id
+        self.topic = topic
+        self.raw = b""
+        self.event = Event.from_record(record, attempt)
+        self.attempt = attempt
+        self.error = None
+        self.started = 0.0
+        self.record = record
+        self.stream = ""
+        self.entry = entry
+        self.claimed_at = claimed_at
+        self.deliveries = deliveries
+        self.failures = failures
 
 
 class _Group:
@@ -58,7 +76,7 @@ class _Group:
         self.dropped = 0
         self.matcher: re.Pattern[str] = compile_pattern(gid.pattern)
         self.queue: deque[_Entry] = deque()
-        self.pending: dict[str, _Pending] = {}
+        self.pending: dict[str, _MemoryDelivery] = {}
         self.available = asyncio.Event()
         self.space = asyncio.Event()
         self.space.set()
@@ -153,26 +171,27 @@ class MemoryBackend(EventBackend):
             self._by_topic[topic] = groups
         return groups
 
+    def try_publish(self, event: Event) -> bool:
+        """Append one event to every matching group unless one of them is full."""
+        groups = self._by_topic.get(event.type)
+        if groups is None:
+            groups = self._matching(event.type)
+        maxlen = self.maxlen
+        for group in groups:
+            if len(group.queue) + len(group.pending) >= maxlen:
+                if group.consumers:
+                    return False  # backpressure: publish() waits for room
+                group.make_room(1, maxlen)
+        entry = (str(next(self._ids)), event.type, event.to_record())
+        for group in groups:
+            queue = group.queue
+            queue.append(entry)
+            if len(queue) == 1:  # a consumer waits only after finding its queue empty
+                group.available.set()
+        return True
+
     async def publish(self, events: Sequence[Event], timeout: float) -> list[str]:
         """Append to every matching group, waiting while one is full (all or nothing)."""
-        if len(events) == 1:
-            # Hot path: one event, room in every group.
-            event = events[0]
-            groups = self._by_topic.get(event.type)
-            if groups is None:
-                groups = self._matching(event.type)
-            maxlen = self.maxlen
-            for group in groups:
-                if len(group.queue) + len(group.pending) >= maxlen:
-                    if group.consumers:
-                        break  # backpressure: the slow path waits for room
-                    group.make_room(1, maxlen)
-            else:
-                entry = (str(next(self._ids)), event.type, event.to_record())
-                for group in groups:
-                    group.queue.append(entry)
-                    group.available.set()
-                return [entry[0]]
         targets = [self._matching(event.type) for event in events]
         await self._wait_for_space(targets, timeout)
         ids = []
@@ -221,10 +240,10 @@ class MemoryBackend(EventBackend):
         state = self._group(group)
         state.consumers += 1
         state.dropped = 0
-        return _MemoryConsumer(self, state, name, self.claim_idle)
+        return _MemoryConsumer(self, state, self.claim_idle)
 
     # -------------------------------------------------------------------------- dead letters
-    def _add_dead(self, group: _Group, pending: _Pending, attempts: int, error: str) -> None:
+    def _add_dead(self, group: _Group, pending: _MemoryDelivery, attempts: int, error: str) -> None:
         _, topic, record = pending.entry
         event = Event.from_record(record)
         self._dead.append(
@@ -280,36 +299,29 @@ class MemoryBackend(EventBackend):
 
 
 class _MemoryConsumer(GroupConsumer):
-    __slots__ = ("_backend", "_claim_idle", "_closed", "_group", "_last_scan", "_name")
+    __slots__ = ("_backend", "_claim_idle", "_closed", "_group", "_last_scan")
 
-    def __init__(self, backend: MemoryBackend, group: _Group, name: str, claim_idle: float) -> None:
+    def __init__(self, backend: MemoryBackend, group: _Group, claim_idle: float) -> None:
         self._backend = backend
         self._group = group
-        self._name = name
         self._claim_idle = claim_idle
         self._last_scan = backend.clock.monotonic()
         self._closed = False
-
-    def _deliver(self, entry: _Entry, deliveries: int, failures: int) -> Delivery:
-        attempt = deliveries if deliveries > failures else failures + 1
-        entry_id, topic, record = entry
-        event = Event.from_record(record, attempt)
-        return Delivery(entry_id, topic, b"", event, attempt, record=record)
 
     def _claim(self, count: int, now: float) -> list[Delivery]:
         # Scanning the pending list costs O(pending), so it runs a few times per claim_idle.
         if now - self._last_scan < self._claim_idle / 4:
             return []
         self._last_scan = now
+        pending = self._group.pending
+        idle = [d for d in pending.values() if now - d.claimed_at >= self._claim_idle][:count]
         out: list[Delivery] = []
-        for pending in self._group.pending.values():
-            if len(out) >= count:
-                break
-            if now - pending.delivered_at >= self._claim_idle:
-                pending.consumer = self._name
-                pending.delivered_at = now
-                pending.deliveries += 1
-                out.append(self._deliver(pending.entry, pending.deliveries, pending.failures))
+        for old in idle:
+            # The claimer's delivery replaces the old one: the old owner can no longer settle it.
+            new = pending[old.entry_id] = _MemoryDelivery(
+                old.entry, now, old.deliveries + 1, old.failures
+            )
+            out.append(new)
         return out
 
     async def fetch(self, count: int, timeout: float) -> list[Delivery]:
@@ -323,10 +335,11 @@ class _MemoryConsumer(GroupConsumer):
             out = self._claim(count, now)
             queue = group.queue
             pending = group.pending
-            while queue and len(out) < count:
-                entry = queue.popleft()
-                pending[entry[0]] = _Pending(entry, self._name, now, 1)
-                out.append(self._deliver(entry, 1, 0))
+            popleft = queue.popleft
+            for _ in range(min(count - len(out), len(queue))):
+                delivery = _MemoryDelivery(popleft(), now, 1, 0)
+                pending[delivery.entry_id] = delivery
+                out.append(delivery)
             if out:
                 return out
             remaining = deadline - loop.time()
@@ -341,40 +354,41 @@ class _MemoryConsumer(GroupConsumer):
                 continue
         return []
 
-    def _settle(self, delivery: Delivery) -> _Pending | None:
-        pending = self._group.pending
-        entry = pending.get(delivery.entry_id)
-        # Only the current owner settles: a claimer may have taken the entry over.
-        if entry is None or entry.consumer != self._name:
-            return None
-        del pending[delivery.entry_id]
-        self._group.space.set()
-        return entry
+    def _owned(self, delivery: Delivery) -> _MemoryDelivery | None:
+        # Only the current owner counts: a claimer may have taken the entry over.
+        entry = self._group.pending.get(delivery.entry_id)
+        return entry if entry is delivery else None
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Remove the deliveries from the pending list."""
+        pending = self._group.pending
         for delivery in deliveries:
-            self._settle(delivery)
+            entry_id = delivery.entry_id
+            if pending.get(entry_id) is delivery:
+                del pending[entry_id]
+        self._group.space.set()
 
     async def record_failure(self, delivery: Delivery) -> None:
         """Remember the failed attempt for a future claimer."""
-        entry = self._group.pending.get(delivery.entry_id)
-        if entry is not None and entry.consumer == self._name:
+        entry = self._owned(delivery)
+        if entry is not None:
             entry.failures = max(entry.failures, delivery.attempt)
 
     async def dead_letter(self, delivery: Delivery, error: str) -> None:
         """Move to the dead letters and acknowledge."""
-        entry = self._settle(delivery)
+        entry = self._owned(delivery)
         if entry is not None:
+            del self._group.pending[entry.entry_id]
+            self._group.space.set()
             self._backend._add_dead(self._group, entry, delivery.attempt, error)
 
     async def keepalive(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of deliveries still being handled."""
         now = self._backend.clock.monotonic()
         for delivery in deliveries:
-            entry = self._group.pending.get(delivery.entry_id)
-            if entry is not None and entry.consumer == self._name:
-                entry.delivered_at = now
+            entry = self._owned(delivery)
+            if entry is not None:
+                entry.claimed_at = now
 
     async def close(self) -> None:
         """Stop fetching; what is pending stays claimable by the group's other consumers."""
