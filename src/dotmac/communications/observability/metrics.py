@@ -145,8 +145,10 @@ class _Cell:
 def _fold(stats: list[Any], value: float) -> None:
     stats[0] += 1
     stats[1] += value
-    stats[2] = min(stats[2], value)
-    stats[3] = max(stats[3], value)
+    if value < stats[2]:  # comparisons, not min()/max(): this runs once per message
+        stats[2] = value
+    if value > stats[3]:
+        stats[3] = value
 
 
 class Counter(_Instrument):
