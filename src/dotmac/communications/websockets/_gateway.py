@@ -274,19 +274,19 @@ class WebSocketGateway:
     async def _listen(self, host: str, port: int) -> Server:
         settings = self.settings
         return await serve(
-                self._handler,
-                host,
-                port,
-                process_request=self._process_request,
-                select_subprotocol=_select_subprotocol,
-                compression="deflate" if settings.compression else None,
-                max_size=settings.max_message_size,
-                ping_interval=settings.ping_interval,
-                ping_timeout=settings.ping_timeout,
-                # The close handshake waits for the peer as a ping does.
-                close_timeout=settings.ping_timeout,
-                create_connection=_ServerConnection,
-            )
+            self._handler,
+            host,
+            port,
+            process_request=self._process_request,
+            select_subprotocol=_select_subprotocol,
+            compression="deflate" if settings.compression else None,
+            max_size=settings.max_message_size,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            # The close handshake waits for the peer as a ping does.
+            close_timeout=settings.ping_timeout,
+            create_connection=_ServerConnection,
+        )
 
     async def stop(self) -> None:
         """Drain and stop: refuse new handshakes, close clients with 1001, stop the backend.
