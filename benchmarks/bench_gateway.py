@@ -4,20 +4,25 @@ Beside it, in the same run: a bare ``websockets`` server calling ``websockets.br
 the same number of connections (the limit, ``compression=None``) and python-socketio's room emit
 (the peer, ``AsyncServer`` on aiohttp; clients are ``socketio.AsyncClient`` on the websocket
 transport). Every server runs in this process; the clients (``--clients``, split over
-``--procs`` OS processes, see ``_ws_clients.py``) are all subscribed to one channel / room.
+``--procs`` OS processes, see ``_ws_clients.py``) are all subscribed to one channel / room. The
+raw server sends the same frame as the gateway (same envelope, same id format, UTF-8 bytes).
 
-Throughput: ``--messages`` publishes, in bursts of ``BURST`` with at most two bursts not yet
-received by every client (backpressure), timed from the first publish to the last delivery;
-server CPU is ``time.process_time()`` of this process over the same span, per delivery. Latency:
-publishes paced at ``--rate`` messages/s for ``--seconds``, ``time.time()`` in the payload to the
-client's receive; p50/p99 over every delivery of every round. Medians over ``--rounds``.
+All servers and their clients are up at once and the rounds are interleaved (one round of each
+system in turn, the order rotating every round), so a slower stretch of a noisy machine weighs
+on every system alike. Throughput: ``--messages`` publishes, in bursts of ``BURST`` with at most
+two bursts not yet received by every client (backpressure), timed from the first publish to the
+last delivery; server CPU is ``time.process_time()`` of this process over the same span, per
+delivery. Latency: publishes paced at ``--rate`` messages/s for ``--seconds``, ``time.time()``
+in the payload to the client's receive; p50/p99 over every delivery of every round. Medians
+over ``--rounds``.
 
 Memory: RSS growth of a fresh server process per idle connection (``--idle`` of them, after ten
 warm-up connections), the gateway (clients subscribed to one channel) beside a bare
 ``websockets`` server.
 
-    python benchmarks/bench_gateway.py            # ~3 min (10,000 idle connections)
+    python benchmarks/bench_gateway.py            # ~5 min (10,000 idle connections)
     python benchmarks/bench_gateway.py --quick    # ~1 min smoke run
+    python benchmarks/bench_gateway.py --systems raw,dotmac --idle 0   # fan-out only
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import logging
 import os
 import platform
 import resource
+import secrets
 import statistics
 import sys
 import time
@@ -175,6 +181,7 @@ class Clients:
 # ------------------------------------------------------------------------------ the systems
 @dataclass(frozen=True)
 class System:
+    key: str  # for --systems
     name: str
     client_kind: str  # see _ws_clients.py
     run: Callable[[], contextlib.AbstractAsyncContextManager[tuple[str, Send]]]
@@ -203,6 +210,7 @@ class _RawServer:
     def __init__(self) -> None:
         self.connections: set[ServerConnection] = set()
         self.ids = itertools.count(1)
+        self.id_prefix = secrets.token_hex(4) + "-"  # the gateway's message id format
 
     async def handler(self, ws: ServerConnection) -> None:
         self.connections.add(ws)
@@ -211,10 +219,10 @@ class _RawServer:
         finally:
             self.connections.discard(ws)
 
-    def frame(self, n: int) -> str:
+    def frame(self, n: int) -> bytes:
         message = {"type": "message", "channel": CHANNEL, "data": _payload(n)}
-        message["id"] = f"{next(self.ids):x}"
-        return orjson.dumps(message).decode()
+        message["id"] = f"{self.id_prefix}{next(self.ids):x}"
+        return orjson.dumps(message)
 
 
 @contextlib.asynccontextmanager
@@ -222,7 +230,7 @@ async def raw_broadcast() -> AsyncIterator[tuple[str, Send]]:
     raw = _RawServer()
 
     async def send(n: int) -> None:
-        broadcast(raw.connections, raw.frame(n))
+        broadcast(raw.connections, raw.frame(n), text=True)
 
     async with serve(raw.handler, "127.0.0.1", 0, compression=None) as server:
         port = server.sockets[0].getsockname()[1]
@@ -257,9 +265,9 @@ RAW = "raw websockets.broadcast()"
 OURS = "dotmac gateway.publish()"
 PEER = "python-socketio room emit"
 SYSTEMS = [
-    System(RAW, "raw", raw_broadcast),
-    System(OURS, "sub", dotmac_gateway),
-    System(PEER, "sio", socketio_room, needs="socketio"),
+    System("raw", RAW, "raw", raw_broadcast),
+    System("dotmac", OURS, "sub", dotmac_gateway),
+    System("socketio", PEER, "sio", socketio_room, needs="socketio"),
 ]
 
 
@@ -315,28 +323,57 @@ async def latency(send: Send, clients: Clients, rate: float, seconds: float) -> 
     return clients.latencies
 
 
-async def measure(system: System, args: argparse.Namespace) -> Result:
-    result = Result(system)
-    if system.needs and importlib.util.find_spec(system.needs) is None:
-        result.error = f"{system.needs} not installed"
-        return result
+async def measure(systems: list[System], args: argparse.Namespace) -> dict[str, Result]:
+    """Start every system and its clients, then run their rounds interleaved."""
+    results = {system.name: Result(system) for system in systems}
+    live: dict[str, tuple[Send, Clients]] = {}
+
+    async def attempt(name: str, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except Exception as exc:
+            results[name].error = f"{type(exc).__name__}: {exc}"
+            live.pop(name, None)
+
+    def rotated(r: int) -> list[tuple[str, Send, Clients]]:  # round r starts with system r
+        names = list(live)
+        names = names[r % len(names) :] + names[: r % len(names)] if names else []
+        return [(name, *live[name]) for name in names]
+
     try:
-        async with system.run() as (url, send):
-            clients = await Clients.open(system.client_kind, url, args.clients, args.procs)
-            try:
-                result.deflated = clients.deflated
-                await throughput(send, clients, WARM, args.clients)
-                for _ in range(args.rounds):
-                    rate, cpu = await throughput(send, clients, args.messages, args.clients)
-                    result.rates.append(rate)
-                    result.cpu.append(cpu)
-                for _ in range(args.rounds):
-                    result.latencies += await latency(send, clients, args.rate, args.seconds)
-            finally:
-                await clients.close()
-    except Exception as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-    return result
+        async with contextlib.AsyncExitStack() as stack:
+            for system in systems:
+                if system.needs and importlib.util.find_spec(system.needs) is None:
+                    results[system.name].error = f"{system.needs} not installed"
+                    continue
+
+                async def start(system: System = system) -> None:
+                    url, send = await stack.enter_async_context(system.run())
+                    clients = await Clients.open(system.client_kind, url, args.clients, args.procs)
+                    stack.push_async_callback(clients.close)
+                    results[system.name].deflated = clients.deflated
+                    await throughput(send, clients, WARM, args.clients)
+                    live[system.name] = (send, clients)
+
+                await attempt(system.name, start())
+
+            async def one_throughput(name: str, send: Send, clients: Clients) -> None:
+                rate, cpu = await throughput(send, clients, args.messages, args.clients)
+                results[name].rates.append(rate)
+                results[name].cpu.append(cpu)
+
+            async def one_latency(name: str, send: Send, clients: Clients) -> None:
+                results[name].latencies += await latency(send, clients, args.rate, args.seconds)
+
+            for r in range(args.rounds):
+                for name, send, clients in rotated(r):
+                    await attempt(name, one_throughput(name, send, clients))
+            for r in range(args.rounds):
+                for name, send, clients in rotated(r):
+                    await attempt(name, one_latency(name, send, clients))
+    except Exception as exc:  # stopping a server or its clients failed: the figures stand
+        print(f"stopping the systems failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return results
 
 
 # -------------------------------------------------------------------------- idle connections
@@ -428,20 +465,22 @@ def _report(results: dict[str, Result]) -> None:
         f"{'system':<28} {'deliv/s':>9} {'vs raw':>7} {'CPU µs':>7} {'vs raw':>7} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'vs raw':>7}"
     )
-    raw = results[RAW]
+    raw = results.get(RAW)
+    base = raw if raw is not None and raw.error is None else None
+    nan = float("nan")
     for result in results.values():
         name = result.system.name
         if result.error:
             print(f"{name:<28} n/a: {result.error}")
             continue
-        ok = raw.error is None
+        p99 = result.percentile(0.99)
         print(
             f"{name:<28} {result.rate:>9,.0f} "
-            f"{result.rate / raw.rate if ok else float('nan'):>7.2f} "
+            f"{result.rate / base.rate if base else nan:>7.2f} "
             f"{result.cpu_per_delivery:>7.1f} "
-            f"{result.cpu_per_delivery / raw.cpu_per_delivery if ok else float('nan'):>7.2f} "
-            f"{result.percentile(0.50):>7.1f} {result.percentile(0.99):>7.1f} "
-            f"{result.percentile(0.99) / raw.percentile(0.99) if ok else float('nan'):>7.2f}"
+            f"{result.cpu_per_delivery / base.cpu_per_delivery if base else nan:>7.2f} "
+            f"{result.percentile(0.50):>7.1f} {p99:>7.1f} "
+            f"{p99 / base.percentile(0.99) if base else nan:>7.2f}"
         )
 
 
@@ -512,7 +551,9 @@ def _goals(results: dict[str, Result], n_idle: int, bare: Idle, ours: Idle) -> N
         f"  compression off by default: settings.compression={not default_off}, "
         f"deflate negotiated on {negotiated} connections → {verdict}"
     )
-    if ours.error or n_idle < 10_000:
+    if n_idle == 0:
+        verdict = "NOT MEASURED (--idle 0)"
+    elif ours.error or n_idle < 10_000:
         verdict = "NOT MEASURED (run with --idle 10000)" if not ours.error else "NOT MET"
     else:
         verdict = "MET" if ours.held >= 10_000 else "NOT MET"
@@ -528,7 +569,14 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds (medians are over these)")
     parser.add_argument("--rate", type=float, default=20.0, help="paced publishes/s (20)")
     parser.add_argument("--seconds", type=float, help="length of a paced latency round")
-    parser.add_argument("--idle", type=int, help="idle connections (10,000; --quick 1,000)")
+    parser.add_argument(
+        "--idle", type=int, help="idle connections (10,000; --quick 1,000; 0 skips)"
+    )
+    parser.add_argument(
+        "--systems",
+        default=",".join(system.key for system in SYSTEMS),
+        help="comma-separated systems to run (raw,dotmac,socketio)",
+    )
     parser.add_argument("--idle-server", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.idle_server:
@@ -536,27 +584,35 @@ async def main() -> None:
         return
     args.clients = args.clients or (200 if args.quick else 1_000)
     args.messages = args.messages or (300 if args.quick else 200)
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     args.seconds = args.seconds or (2.0 if args.quick else 3.0)
-    args.idle = args.idle or (1_000 if args.quick else 10_000)
-    if min(args.clients, args.procs, args.messages, args.rounds, args.idle) < 1:
-        parser.error("--clients, --procs, --messages, --rounds and --idle must be >= 1")
+    if args.idle is None:
+        args.idle = 1_000 if args.quick else 10_000
+    if min(args.clients, args.procs, args.messages, args.rounds) < 1 or args.idle < 0:
+        parser.error("--clients, --procs, --messages and --rounds must be >= 1, --idle >= 0")
+    keys = args.systems.split(",")
+    systems = [system for system in SYSTEMS if system.key in keys]
+    if len(systems) != len(set(keys)):
+        parser.error(f"--systems: pick from {','.join(system.key for system in SYSTEMS)}")
     _raise_nofile()
     logging.getLogger("dotmac.communications.websockets").setLevel(logging.ERROR)
 
     began = time.perf_counter()
-    results = {system.name: await measure(system, args) for system in SYSTEMS}
-    bare = await idle("raw", args.idle, args.procs)
-    ours = await idle("sub", args.idle, args.procs)
+    results = await measure(systems, args)
+    bare = ours = Idle(error="skipped (--idle 0)")
+    if args.idle:
+        bare = await idle("raw", args.idle, args.procs)
+        ours = await idle("sub", args.idle, args.procs)
     print(
         f"python {platform.python_version()}, websockets {websockets.__version__}, "
         f"{os.cpu_count()} CPUs; {args.clients:,} clients in {args.procs} processes, servers in "
-        f"this one;\nthroughput: median of {args.rounds} rounds of {args.messages} publishes "
-        f"(bursts of {BURST}); latency: {args.rate:g} publishes/s for {args.seconds:g} s x "
-        f"{args.rounds} rounds, p50/p99 of every delivery"
+        f"this one;\nthroughput: median of {args.rounds} interleaved rounds of {args.messages} "
+        f"publishes (bursts of {BURST}); latency: {args.rate:g} publishes/s for "
+        f"{args.seconds:g} s x {args.rounds} rounds, p50/p99 of every delivery"
     )
     _report(results)
-    _idle_report(args.idle, bare, ours)
+    if args.idle:
+        _idle_report(args.idle, bare, ours)
     _goals(results, args.idle, bare, ours)
     print(f"\n({time.perf_counter() - began:.0f} s)", file=sys.stderr)
 

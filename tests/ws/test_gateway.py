@@ -319,6 +319,23 @@ async def test_compression_is_off_by_default(start, client) -> None:
     assert [e.name for e in deflated.protocol.extensions] == ["permessage-deflate"]
 
 
+async def test_fan_out_mixes_compressed_and_plain_connections(start, client) -> None:
+    """The hub writes one serialised frame to plain connections and deflates per connection."""
+    gateway = await start(ws_settings(compression=True))
+    deflated = await client(gateway, token("d"))
+    plain = await client(gateway, token("p"), compression=None)
+    assert plain.protocol.extensions == []
+    for conn in (deflated, plain):
+        await subscribe(conn, "feed")
+    big = "x" * 70_000  # over 64 KiB: the frame length takes the 8-byte form
+    assert await gateway.publish("feed", {"big": big}) == 2
+    for conn in (deflated, plain):
+        assert (await recv_json(conn))["data"] == {"big": big}
+    assert await gateway.publish("feed", "small") == 2
+    for conn in (deflated, plain):
+        assert (await recv_json(conn))["data"] == "small"
+
+
 # ------------------------------------------------------------------------------------- channels
 async def test_user_and_tenant_channels_follow_builtin_rules(start, client) -> None:
     """user:{id} only for that user, tenant:{id}[:…] only inside it; a refusal keeps the link."""

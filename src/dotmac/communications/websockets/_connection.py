@@ -123,7 +123,8 @@ class GatewayConnection:
         self._protocol = protocol
         self._closing = False
         self._attached: set[str] = set()  # channels the hub delivers to this connection
-        self._presence_channels: set[str] = set()  # ...and those it gets presence frames of
+        # ...and those it gets presence frames of (made on first use: most connections have none).
+        self._presence_channels: set[str] | None = None
 
     def __repr__(self) -> str:
         return (

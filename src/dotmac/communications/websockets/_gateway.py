@@ -789,7 +789,8 @@ class WebSocketGateway:
             await self._hub.attach(channel, connection._ws)
         except BaseException:
             if presence:
-                connection._presence_channels.discard(channel)
+                if connection._presence_channels is not None:
+                    connection._presence_channels.discard(channel)
                 await self._hub.detach(presence_channel(channel), connection._ws)
             raise
         connection._attached.add(channel)
@@ -802,13 +803,16 @@ class WebSocketGateway:
             BackendUnavailableError: The backend could not subscribe.
         """
         await self._hub.attach(presence_channel(channel), connection._ws)
+        if connection._presence_channels is None:
+            connection._presence_channels = set()
         connection._presence_channels.add(channel)
 
     async def _detach(self, connection: GatewayConnection, channel: str) -> None:
         """Unsubscribe ``connection`` from ``channel`` (and its presence frames)."""
         ws = connection._ws
-        if channel in connection._presence_channels:
-            connection._presence_channels.discard(channel)
+        watching = connection._presence_channels
+        if watching is not None and channel in watching:
+            watching.discard(channel)
             await self._hub.detach(presence_channel(channel), ws)
         if channel in connection._attached:
             connection._attached.discard(channel)

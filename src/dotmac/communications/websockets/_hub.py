@@ -1,15 +1,21 @@
 """The gateway's index of local subscribers and its fan-out.
 
-:class:`Hub` maps each channel to the set of local connections subscribed to it and writes one
-encoded frame to all of them with ``websockets``' synchronous :func:`~websockets.asyncio.server.
-broadcast`. Before each write it checks the connection's byte budget: a connection whose transport
-write buffer already holds more than ``send_buffer_limit`` bytes (the client stopped reading) is
-skipped and handed to ``on_slow``, which closes it, so no connection ever buffers more than its
-budget plus one message and fast connections never wait for a slow one.
+:class:`Hub` maps each channel to the local connections subscribed to it and writes one encoded
+frame to all of them, synchronously, the way ``websockets``' :func:`~websockets.asyncio.server.
+broadcast` does: connections that are not ``OPEN`` are skipped and a failed write is logged, never
+raised. Unlike ``broadcast()``, the WebSocket frame is serialised once per fan-out, not once per
+connection, and written straight to each transport (server frames are unmasked, so the bytes are
+the same for everyone); a connection with an extension (permessage-deflate compresses per
+connection) or debug logging goes through its protocol instead. Before each write the hub checks
+the connection's byte budget: a connection whose transport write buffer already holds more than
+``send_buffer_limit`` bytes (the client stopped reading) is skipped and handed to ``on_slow``,
+which closes it, so no connection ever buffers more than its budget plus one message and fast
+connections never wait for a slow one.
 
 Connections without a transport (the ASGI adapter, :mod:`.asgi`) are :class:`FrameQueue` members:
 the hub checks their queued bytes against the same budget and appends the frame to their queue,
-which their own writer task empties.
+which their own writer task empties. Each channel keeps the two kinds in separate sets, so the
+fan-out loops never test a connection's type.
 
 The hub also tells the backend which channels have local subscribers (first in, last out).
 """
@@ -21,7 +27,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, TypeAlias
 
-from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from dotmac.communications.errors import BackendUnavailableError, CommunicationsError
@@ -54,6 +61,34 @@ Member: TypeAlias = ServerConnection | FrameQueue
 """A local connection as the hub sees it: native (``websockets``) or queued (ASGI)."""
 
 
+class _Members:
+    """Local connections of one channel (or of all), native and queued ones apart."""
+
+    __slots__ = ("native", "queued")
+
+    def __init__(self) -> None:
+        self.native: set[ServerConnection] = set()
+        self.queued: set[FrameQueue] = set()
+
+    def __len__(self) -> int:
+        return len(self.native) + len(self.queued)
+
+    def __contains__(self, ws: Member) -> bool:
+        return ws in self.native or ws in self.queued
+
+    def add(self, ws: Member) -> None:
+        if isinstance(ws, ServerConnection):
+            self.native.add(ws)
+        else:
+            self.queued.add(ws)
+
+    def discard(self, ws: Member) -> None:
+        if isinstance(ws, ServerConnection):
+            self.native.discard(ws)
+        else:
+            self.queued.discard(ws)
+
+
 class Hub:
     """Local channel subscriptions and fan-out.
 
@@ -76,8 +111,8 @@ class Hub:
         self._backend = backend
         self._limit = send_buffer_limit
         self._on_slow = on_slow
-        self._all: set[Member] = set()
-        self._channels: dict[str, set[Member]] = {}
+        self._all = _Members()
+        self._channels: dict[str, _Members] = {}
         # Channels whose backend subscribe is in flight -> the error it ended with, or None. Later
         # subscribers wait for it: a confirmed subscriber must miss nothing published elsewhere.
         self._joining: dict[str, asyncio.Future[BaseException | None]] = {}
@@ -122,7 +157,8 @@ class Hub:
                     f"backend could not subscribe channel {channel!r}: {joined}"
                 ) from joined
             return
-        members = self._channels[channel] = {ws}
+        members = self._channels[channel] = _Members()
+        members.add(ws)
         joining = asyncio.get_running_loop().create_future()
         self._joining[channel] = joining
         failure: BaseException | None = None
@@ -153,7 +189,7 @@ class Hub:
         if not members and channel not in self._joining:
             await self._leave(channel, members)
 
-    async def _leave(self, channel: str, members: set[Member]) -> None:
+    async def _leave(self, channel: str, members: _Members) -> None:
         if self._channels.get(channel) is members:
             del self._channels[channel]
         try:
@@ -176,30 +212,61 @@ class Hub:
             How many connections the frame was written to.
         """
         members = self._all if channel == BROADCAST_CHANNEL else self._channels.get(channel)
-        if not members:
+        if members is None:
             return 0
+        written = 0
+        if members.native:
+            written = self._write(members.native, frame, exclude)
+        if members.queued:
+            written += self._enqueue(members.queued, frame, exclude)
+        return written
+
+    def _write(self, native: set[ServerConnection], frame: bytes, exclude: Member | None) -> int:
+        # broadcast()'s per-connection work without a Frame built and serialised per connection:
+        # ~0.2 µs of Python per connection instead of ~1.4 µs (beside a ~5 µs send syscall).
+        # Writing to the transport directly keeps the frame order: the asyncio connection hands
+        # whatever its protocol produces to the transport at once, so nothing is pending there.
+        wire = Frame(Opcode.TEXT, frame).serialize(mask=False)
         limit = self._limit
-        targets: list[ServerConnection] = []
-        text: str | None = None
-        queued = 0
-        for ws in members:
-            if ws is exclude:
+        on_slow = self._on_slow
+        opened = _OPEN
+        written = 0
+        for ws in native:
+            protocol = ws.protocol
+            if ws is exclude or protocol.state is not opened:
                 continue
-            if isinstance(ws, ServerConnection):
-                if ws.protocol.state is not _OPEN:
-                    continue
-                if ws.transport.get_write_buffer_size() > limit:
-                    self._on_slow(ws)
-                    continue
-                targets.append(ws)
-            elif ws.state is _OPEN:
-                if ws.buffered > limit:
-                    self._on_slow(ws)
-                    continue
-                if text is None:  # decoded once per fan-out, for every queued connection
-                    text = frame.decode()
-                ws.enqueue(text, len(frame))
-                queued += 1
-        if targets:
-            broadcast(targets, frame, text=True)
-        return len(targets) + queued
+            transport = ws.transport
+            if transport.get_write_buffer_size() > limit:
+                on_slow(ws)
+                continue
+            if ws.send_in_progress is not None:  # a fragmented send(): frames can't interleave
+                continue
+            try:
+                if protocol.extensions or protocol.debug:
+                    protocol.send_text(frame)
+                    ws.send_data()
+                else:
+                    transport.write(wire)
+            # As broadcast(): one connection's failure must not cost the others their frame.
+            except Exception as exc:  # noqa: BLE001 -- logged; the fan-out goes on
+                log.warning("fan-out skipped a connection: failed to write: %r", exc)
+                continue
+            written += 1
+        return written
+
+    def _enqueue(self, queued: set[FrameQueue], frame: bytes, exclude: Member | None) -> int:
+        limit = self._limit
+        size = len(frame)
+        text: str | None = None
+        written = 0
+        for ws in queued:
+            if ws is exclude or ws.state is not _OPEN:
+                continue
+            if ws.buffered > limit:
+                self._on_slow(ws)
+                continue
+            if text is None:  # decoded once per fan-out, for every queued connection
+                text = frame.decode()
+            ws.enqueue(text, size)
+            written += 1
+        return written
