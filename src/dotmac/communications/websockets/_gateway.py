@@ -116,7 +116,8 @@ class WebSocketGateway:
     Every connection of a user is subscribed to ``user:{id}`` and, with a tenant, to
     ``tenant:{id}``; those and ``tenant:{id}:…`` follow built-in rules; other channels go through
     ``authorizer`` (none: clients may subscribe anywhere and publish nowhere). Fan-out encodes a
-    message once and writes it with ``websockets``' synchronous broadcast; a connection holding
+    message (and its WebSocket frame) once and writes it synchronously to every subscriber's
+    transport, as ``websockets``' ``broadcast()`` does; a connection holding
     more than ``send_buffer_limit`` unsent bytes is closed with 1008 and counted in
     ``dotmac.websockets.slow_consumers``, without slowing the others.
 
