@@ -49,22 +49,19 @@ import os
 import platform
 import resource
 import secrets
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-import redis
 import redis.asyncio as aioredis
 import websockets
+from _redis_server import bench_redis, server_version
 
 CHANNEL = "bench"
 BURST = 5  # publishes per burst in the throughput runs; two bursts may be in flight
@@ -516,62 +513,6 @@ async def _profile(live: dict[str, Setup | RawRedis], switch: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ redis
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[tuple[str, int | None]]:
-    """DOTMAC_BENCH_REDIS_URL (no pid), else a throwaway redis-server (its URL and pid)."""
-    given = os.environ.get("DOTMAC_BENCH_REDIS_URL")
-    if given:
-        yield given, None
-        return
-    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(exe):
-        raise SystemExit("no redis-server found and DOTMAC_BENCH_REDIS_URL unset")
-    port = _free_port()
-    workdir = tempfile.TemporaryDirectory(prefix="dotmac-bench-redis-")
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", workdir.name, "--daemonize", "no"]
-    proc = subprocess.Popen(
-        [exe, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _children.append(proc)
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-        for _ in range(100):  # up to ~10 s
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"redis-server on port {port} did not answer within 10s")
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0", proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        workdir.cleanup()
-
-
-def _server_version(url: str) -> str:
-    client = redis.Redis.from_url(url, socket_timeout=2)
-    try:
-        return str(client.info("server")["redis_version"])
-    finally:
-        client.close()
-
-
 # ------------------------------------------------------------------------------------ report
 def _report(results: dict[str, Result], n: int) -> None:
     print(
@@ -662,8 +603,11 @@ def _args() -> argparse.Namespace:
 async def main(args: argparse.Namespace) -> None:
     _raise_nofile()
     began = time.perf_counter()
-    with redis_server() as (url, redis_pid):
-        version = _server_version(url)
+    with bench_redis(_children) as found:
+        if found is None:
+            raise SystemExit("no redis-server found and DOTMAC_BENCH_REDIS_URL unset")
+        url, redis_pid = found
+        version = server_version(url)
         results = await measure(args, url, redis_pid)
     print(
         f"python {platform.python_version()}, websockets {websockets.__version__}, redis-server "

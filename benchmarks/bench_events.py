@@ -24,22 +24,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis
 import redis.asyncio as aioredis
+from _redis_server import bench_redis, server_version
 
 from dotmac.communications.events import Event, EventBus, MemoryBackend, RedisStreamsBackend
 
@@ -382,62 +377,6 @@ async def measure(systems: list[System], url: str, args: argparse.Namespace) -> 
 
 
 # ------------------------------------------------------------------------------------ redis
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def redis_url() -> Iterator[str | None]:
-    """The benchmark Redis: DOTMAC_BENCH_REDIS_URL, else a throwaway redis-server, else None."""
-    given = os.environ.get("DOTMAC_BENCH_REDIS_URL")
-    if given:
-        yield given
-        return
-    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(exe):
-        yield None
-        return
-    port = _free_port()
-    workdir = tempfile.TemporaryDirectory(prefix="dotmac-bench-redis-")
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", workdir.name, "--daemonize", "no"]
-    proc = subprocess.Popen(
-        [exe, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-        for _ in range(100):  # up to ~10 s
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"redis-server on port {port} did not answer within 10s")
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        workdir.cleanup()
-
-
-def _server_version(url: str) -> str:
-    client = redis.Redis.from_url(url, socket_timeout=2)
-    try:
-        return str(client.info("server")["redis_version"])
-    finally:
-        client.close()
-
-
 # ------------------------------------------------------------------------------------ report
 def _report(results: dict[str, Result]) -> None:
     print(
@@ -497,8 +436,9 @@ async def main() -> None:
 
     began = time.perf_counter()
     results = await measure(MEMORY, "", args)
-    with redis_url() as url:
-        version = _server_version(url) if url else "none"
+    with bench_redis() as found:
+        url = found[0] if found else None
+        version = server_version(url) if url else "none"
         if url:
             results |= await measure(REDIS, url, args)
     print(
