@@ -475,3 +475,75 @@ async def test_each_send_is_a_span_and_counted_in_metrics(clock: FakeClock) -> N
         'dotmac_notifications_deliveries_total{notification_channel="webhook",notification_provider="hook",notification_status="sent"} 1'
         in text
     )
+
+
+async def test_a_store_subclass_is_called_through_its_async_methods(clock: FakeClock) -> None:
+    """A MemoryStore subclass's overrides see every call the service makes per send."""
+    from dotmac.communications.notifications import MemoryStore, NotificationResult
+    from dotmac.communications.notifications._store import StatusEntry
+
+    class Spy(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__(clock=clock)
+            self.calls: list[str] = []
+
+        async def claim(self, key: str, notification_id: str, ttl: float) -> str | None:
+            self.calls.append("claim")
+            return await super().claim(key, notification_id, ttl)
+
+        async def suppressed(self, channel: str, recipient: str) -> str | None:
+            self.calls.append("suppressed")
+            return await super().suppressed(channel, recipient)
+
+        async def record(self, notification_id: str, entries: Any, ttl: float) -> None:
+            self.calls.append("record")
+            await super().record(notification_id, entries, ttl)
+
+        async def save_result(self, result: NotificationResult, ttl: float) -> None:
+            self.calls.append("save_result")
+            await super().save_result(result, ttl)
+
+    store = Spy()
+    async with _svc(clock, CallbackProvider("webhook", Recorder()), store=store) as svc:
+        result = await svc.send(_note(idempotency_key="k1"))
+        assert store.calls == ["claim", "suppressed", "record", "save_result"]
+        history = await svc.status(result.id)
+        assert [type(e) for e in history] == [StatusEntry]
+        assert [e.event for e in history] == ["sent"]
+        assert await svc.result(result.id) == result
+
+
+async def test_routes_follow_providers_added_later(clock: FakeClock) -> None:
+    """A provider added after sends, handling some recipients only, joins their route only."""
+
+    class Picky(CallbackProvider):
+        def handles(self, recipient: str) -> bool:
+            return recipient.startswith("https://picky.example/")
+
+    down = Recorder(*[PermanentDeliveryError("down")] * 10)
+    picky_rec = Recorder()
+    async with _svc(clock, CallbackProvider("webhook", down, name="general")) as svc:
+        first = await svc.send(_note(to="https://picky.example/a"))
+        assert (first.status, first.deliveries[0].provider) == ("failed", "general")
+        svc.add_provider(Picky("webhook", picky_rec, name="picky"))
+        picked = await svc.send(_note(to="https://picky.example/a"))
+        other = await svc.send(_note(to="https://other.example/a"))
+    assert (picked.status, picked.deliveries[0].provider) == ("sent", "picky")
+    assert (other.status, other.deliveries[0].provider) == ("failed", "general")
+    assert [m.recipient for m in picky_rec.sent] == ["https://picky.example/a"]
+
+
+async def test_send_durations_are_recorded_per_channel_and_status(clock: FakeClock) -> None:
+    """Each send's duration lands in the histogram under its channel and overall status."""
+    from dotmac.communications.observability import metrics
+
+    failing = Recorder(*[PermanentDeliveryError("no")] * 5)
+    async with _svc(clock, CallbackProvider("webhook", Recorder())) as svc:
+        await svc.send(_note())
+        await svc.send(_note())
+    async with _svc(clock, CallbackProvider("webhook", failing)) as svc:
+        await svc.send(_note())
+    name = "dotmac.notifications.send.duration"
+    sent = {"notification.channel": "webhook", "notification.status": "sent"}
+    failed = {"notification.channel": "webhook", "notification.status": "failed"}
+    assert (metrics.value(name, sent), metrics.value(name, failed)) == (2, 1)

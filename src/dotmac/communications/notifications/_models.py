@@ -301,7 +301,8 @@ class NotificationResult:
         """Build a result whose overall status summarises ``deliveries``."""
         statuses = {d.status for d in deliveries}
         if len(statuses) == 1:
-            overall = NotificationStatus(next(iter(statuses)).value)
+            only = next(iter(statuses))
+            overall = _OVERALL.get(only) or NotificationStatus(only.value)
         elif statuses <= {DeliveryStatus.SENT, DeliveryStatus.DEDUPLICATED}:
             overall = NotificationStatus.SENT
         else:
@@ -312,3 +313,7 @@ class NotificationResult:
     def ok(self) -> bool:
         """True when no delivery failed."""
         return all(d.status != DeliveryStatus.FAILED for d in self.deliveries)
+
+
+# The overall status of deliveries that all have one status (a lookup, not an enum call).
+_OVERALL = {status: NotificationStatus(status.value) for status in DeliveryStatus}

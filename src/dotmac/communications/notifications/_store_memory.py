@@ -134,17 +134,18 @@ class MemoryStore(NotificationStore):
     def _put(
         self, table: OrderedDict[str, tuple[V, float]], key: str, value: V, ttl: float
     ) -> None:
+        now = self._clock.monotonic()
         table.pop(key, None)  # re-inserting moves the key to the young end
-        if len(table) >= self.max_results:
+        cap = self.max_results
+        if len(table) >= cap:
             # Oldest first; entries of one table share their TTL, so the expired ones are at
-            # the old end: drop those, then the oldest live ones, never scanning the table.
-            now = self._clock.monotonic()
-            while table:
-                _, (_, expires) = next(iter(table.items()))
-                if expires > now and len(table) < self.max_results:
-                    break
+            # the old end: drop the oldest past the cap, then the expired ones, never scanning
+            # the table.
+            while len(table) >= cap:
                 table.popitem(last=False)
-        table[key] = (value, self._clock.monotonic() + ttl)
+            while table and next(iter(table.values()))[1] <= now:
+                table.popitem(last=False)
+        table[key] = (value, now + ttl)
 
     # --------------------------------------------------------------------------- idempotency
     async def claim(self, key: str, notification_id: str, ttl: float) -> str | None:

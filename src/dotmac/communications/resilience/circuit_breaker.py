@@ -301,6 +301,7 @@ class CircuitBreaker:
         # the order granted, each with the time it will be presumed lost.
         self._trials_out: dict[Permit, float] = {}
         self._trials: list[_Outcome] = []
+        self._call_counters: dict[str, metrics.BoundCounter] = {}  # by outcome
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self._state}>"
@@ -485,9 +486,13 @@ class CircuitBreaker:
                 _log.exception("circuit breaker %r: state-change listener failed", self.name)
 
     def _count_call(self, outcome: str) -> None:
-        metrics.counter(_CALLS, description="Calls seen by circuit breakers").add(
-            1, {"name": self.name, "outcome": outcome}
-        )
+        bound = self._call_counters.get(outcome)
+        if bound is None:  # four outcomes at most: bound once each, not keyed per call
+            counter = metrics.counter(_CALLS, description="Calls seen by circuit breakers")
+            bound = self._call_counters[outcome] = counter.bind(
+                {"name": self.name, "outcome": outcome}
+            )
+        bound.add()
 
 
 class CircuitBreakerRegistry:

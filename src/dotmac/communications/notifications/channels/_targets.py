@@ -24,7 +24,7 @@ import functools
 import ipaddress
 import socket
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -160,6 +160,7 @@ async def check_target(url: str, *, allow_private: bool, setting: str = _WEBHOOK
         )
 
 
+@functools.lru_cache(maxsize=4096)  # per send for names, where the failed parse costs most
 def _ip_literal(host: str) -> _IPAddress | None:
     try:
         return ipaddress.ip_address(host)
@@ -394,32 +395,33 @@ class GuardedHttp:
             # Merged into the URL's own query: httpx's ``params=`` would replace it.
             url = str(parsed.copy_merge_params(dict(params)))
         try:
+            # The one total deadline (queueing, resolution, connect, request, response): the
+            # sender is told not to set a second one.
             async with asyncio.timeout(self.timeout):
                 if self._injected is not None and not self.allow_private_targets:
                     await check_target(url, allow_private=False, setting=self.setting)
-                async with self._host_slot(key):
-                    sender = self._get_sender(key)
-                    return await sender.request("POST", url, content=content, headers=dict(headers))
+                # The per-host slot (inline rather than a context manager: this runs per send).
+                slots = self._slots
+                semaphore, users = slots.get(key) or (asyncio.Semaphore(self.max_connections), 0)
+                slots[key] = (semaphore, users + 1)
+                try:
+                    async with semaphore:
+                        sender = self._get_sender(key)
+                        return await sender.request(
+                            "POST", url, content=content, headers=dict(headers), deadline=False
+                        )
+                finally:
+                    semaphore, users = slots[key]
+                    if users == 1:
+                        del slots[key]  # idle hosts are forgotten, so the map stays small
+                    else:
+                        slots[key] = (semaphore, users - 1)
         except OperationTimeoutError:
             raise
-        except TimeoutError as exc:  # the total deadline passed while queued or resolving
+        except TimeoutError as exc:  # the total deadline passed
             raise OperationTimeoutError(
                 f"{self.provider}: no answer from {describe_url(url)} within {self.timeout}s"
             ) from exc
-
-    @contextlib.asynccontextmanager
-    async def _host_slot(self, key: tuple[str, str, int | None]) -> AsyncIterator[None]:
-        semaphore, users = self._slots.get(key) or (asyncio.Semaphore(self.max_connections), 0)
-        self._slots[key] = (semaphore, users + 1)
-        try:
-            async with semaphore:
-                yield
-        finally:
-            semaphore, users = self._slots[key]
-            if users == 1:
-                del self._slots[key]  # idle hosts are forgotten, so the map stays small
-            else:
-                self._slots[key] = (semaphore, users - 1)
 
     async def aclose(self) -> None:
         """Close the client this object created (an injected one is left open)."""
