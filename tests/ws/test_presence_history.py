@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -157,13 +156,16 @@ def _redis(settings: Any) -> Any:
     return RedisBackend.from_config(settings)
 
 
-async def test_broadcast_and_presence_channel_names_cannot_be_subscribed(start, client) -> None:
+async def test_internal_presence_channels_cannot_be_subscribed_directly(start, client) -> None:
+    """The hub's presence channels start with NUL, which no client channel name may contain."""
     gateway = await start(authorizer=_allow)
     ws = await client(gateway, token("u1"))
     await send_json(ws, {"type": "subscribe", "channel": "\x00presence:room"})
     reply = await recv_json(ws)
-    assert reply["type"] == "error"
-    await asyncio.sleep(0)
+    assert (reply["type"], reply["code"]) == ("error", "invalid_channel")
+    await gateway.publish("room", "x")  # subscribed to nothing: nothing arrives
+    with pytest.raises(TimeoutError):
+        await recv_json(ws, 0.2)
 
 
 async def test_memory_history_forgets_expired_channels(clock: Any) -> None:
