@@ -111,6 +111,19 @@ def test_sign_payload_format_and_rotation():
         sign_payload("", BODY, T0)
 
 
+@pytest.mark.parametrize(
+    "secret",
+    ["k", "s" * 63, "s" * 64, "s" * 65, "é-secret-" * 20, ["new-secret", "x" * 200]],
+    ids=["1-byte", "63-bytes", "64-bytes", "65-bytes", "non-ascii-long", "rotation"],
+)
+def test_provider_signature_equals_sign_payload(secret):
+    """The provider's signature (keys prepared once) is sign_payload's for any key length."""
+    provider = _provider(secret=secret)
+    headers = provider.headers(_message("http://127.0.0.1/hook"), BODY)
+    assert headers["X-Dotmac-Signature"] == sign_payload(secret, BODY, T0)
+    assert verify_signature(BODY, headers["X-Dotmac-Signature"], secret, now=T0)
+
+
 def test_verify_signature_accepts_rotation():
     """Any v1 entry matching any given secret verifies."""
     both = f"t={T0},v1={SIG},v1={OLD_SIG}"
@@ -283,6 +296,22 @@ async def test_injected_client_sends(http_server):
     ):
         await provider.send(_message(http_server.url))
     assert http_server.requests[0].headers["x-extra"] == "1"
+
+
+async def test_injected_client_gets_every_provider_header(http_server):
+    """Over an injected client, Content-Type and User-Agent are still the provider's own."""
+    async with (
+        httpx.AsyncClient(headers={"User-Agent": "host-app/1"}) as client,
+        _provider(client=client, secret=SECRET) as provider,
+    ):
+        await provider.send(_message(http_server.url))
+    headers = http_server.requests[0].headers
+    assert (
+        headers["user-agent"]
+        == f"dotmac-communications/{metadata.version('dotmac-communications')}"
+    )
+    assert headers["content-type"] == "application/json"
+    assert headers["x-dotmac-signature"] == f"t={T0},v1={SIG}"
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from dotmac.communications._clock import Clock, system_clock
 from dotmac.communications.errors import (
@@ -29,8 +30,9 @@ __all__ = ["AttemptFailed", "GuardedProvider", "Outcome", "is_final_for_recipien
 
 log = logging.getLogger("dotmac.communications.notifications")
 
-AttemptFailed = Callable[[int, BaseException], Awaitable[None]]
-"""Called after each failed attempt with its number and error (status history)."""
+AttemptFailed = Callable[[OutboundMessage, str, int, BaseException], Awaitable[None]]
+"""Called after each failed attempt with the message, the provider's name, the attempt's number
+and its error (status history)."""
 
 _ATTEMPT_FAILURES = "dotmac.notifications.attempt.failures"
 
@@ -117,7 +119,7 @@ class GuardedProvider:
                     {"notification.channel": message.channel, "notification.provider": self.name,
                      "error.type": type(exc).__qualname__},
                 )  # fmt: skip
-                await on_failure(attempt, exc)
+                await on_failure(message, self.name, attempt, exc)
                 if isinstance(exc, CircuitOpenError) or is_final_for_recipient(exc):
                     return Outcome(attempt, error=exc)
                 delay = self.retry.retry_delay(attempt, exc, elapsed=self.clock.monotonic() - start)
@@ -136,9 +138,12 @@ class GuardedProvider:
                 await self.clock.sleep(delay)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one provider achieved for one recipient."""
+class Outcome(NamedTuple):
+    """What one provider achieved for one recipient.
+
+    A named tuple rather than a frozen dataclass: one is built per send, and a tuple is
+    immutable without a ``object.__setattr__`` call per field.
+    """
 
     attempts: int
     receipt: SendReceipt | None = None

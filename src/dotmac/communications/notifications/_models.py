@@ -198,8 +198,8 @@ class Notification(BaseModel):
     def _some_recipients(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError("needs at least one recipient")
-        cleaned = tuple(dict.fromkeys(v.strip() for v in value))  # trimmed, duplicates once
-        if any(not v for v in cleaned):
+        cleaned = tuple(dict.fromkeys(map(str.strip, value)))  # trimmed, duplicates once
+        if "" in cleaned:
             raise ValueError("recipients must be non-empty strings")
         return cleaned
 
@@ -299,6 +299,10 @@ class NotificationResult:
     @classmethod
     def of(cls, notification_id: str, deliveries: tuple[DeliveryResult, ...]) -> NotificationResult:
         """Build a result whose overall status summarises ``deliveries``."""
+        if len(deliveries) == 1:  # the common case: no set built
+            only = deliveries[0].status
+            overall = _OVERALL.get(only) or NotificationStatus(only.value)
+            return cls(notification_id, overall, deliveries)
         statuses = {d.status for d in deliveries}
         if len(statuses) == 1:
             only = next(iter(statuses))

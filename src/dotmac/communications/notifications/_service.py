@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -396,29 +396,32 @@ class NotificationService:
             for address in notification.fallback_to.values():
                 self._route(fallback, address)[0].provider.validate(address)
         priority = notification.priority.value
-        messages = [
-            OutboundMessage(
-                notification_id=notification.id,
-                channel=channel,
-                recipient=self._route(channel, recipient)[0].provider.validate(recipient),
-                subject=subject,
-                text=text,
-                html=html,
-                data=notification.data,
-                attachments=notification.attachments,
-                priority=priority,
-                sender=notification.sender,
-                reply_to=notification.reply_to,
-                headers=notification.headers,
-                tenant_id=notification.tenant_id,
-                metadata=notification.metadata,
+        providers: list[Provider] = []
+        messages: list[OutboundMessage] = []
+        for recipient in notification.to:
+            provider = self._route(channel, recipient)[0].provider
+            providers.append(provider)
+            messages.append(
+                OutboundMessage(
+                    notification_id=notification.id,
+                    channel=channel,
+                    recipient=provider.validate(recipient),
+                    subject=subject,
+                    text=text,
+                    html=html,
+                    data=notification.data,
+                    attachments=notification.attachments,
+                    priority=priority,
+                    sender=notification.sender,
+                    reply_to=notification.reply_to,
+                    headers=notification.headers,
+                    tenant_id=notification.tenant_id,
+                    metadata=notification.metadata,
+                )
             )
-            for recipient in notification.to
-        ]
         checked: set[str] = set()
-        for message in messages:  # once per provider: sender, headers, body
-            provider = self._route(channel, message.recipient)[0].provider
-            if provider.name not in checked:
+        for provider, message in zip(providers, messages, strict=True):
+            if provider.name not in checked:  # once per provider: sender, headers, body
                 provider.check(message)
                 checked.add(provider.name)
         return messages
@@ -449,7 +452,16 @@ class NotificationService:
             )
         return chain
 
-    async def _send_prepared(
+    def _send_prepared(
+        self, notification: Notification, messages: list[OutboundMessage]
+    ) -> Coroutine[Any, Any, NotificationResult]:
+        if notification.idempotency_key is None and notification.send_at is None:
+            # Nothing to claim, release or schedule (the common case): the delivery itself,
+            # without a coroutine around it that every resumption of the send would go through.
+            return self._deliver_all(notification, messages)
+        return self._send_claimed(notification, messages)
+
+    async def _send_claimed(
         self, notification: Notification, messages: list[OutboundMessage]
     ) -> NotificationResult:
         key = notification.idempotency_key
@@ -563,7 +575,13 @@ class NotificationService:
             return await self._finish(
                 notification, message, DeliveryStatus.SUPPRESSED, error=reason
             )
-        outcome, provider = await self._try_chain(message)
+        chain = self._route(message.channel, message.recipient)  # never empty: it raises
+        # The first provider is tried here, not in a helper: its send is the common case, and
+        # every resumption of it would pass through one more coroutine.
+        outcome = await chain[0].send(message, self._attempt_failed)
+        provider = chain[0].name
+        if outcome.receipt is None:
+            outcome, provider = await self._fail_over(message, chain, outcome)
         if outcome.receipt is not None:
             return await self._finish(
                 notification, message, DeliveryStatus.SENT, provider=provider,
@@ -612,26 +630,29 @@ class NotificationService:
             attempts=attempts, error=error,
         )  # fmt: skip
 
-    async def _try_chain(self, message: OutboundMessage) -> tuple[Outcome, str | None]:
-        chain = self._route(message.channel, message.recipient)  # never empty: it raises
-        outcome = Outcome(0)
-        attempts = 0
-        provider: str | None = None
-        for guarded in chain:
-            provider = guarded.name
+    async def _attempt_failed(
+        self, message: OutboundMessage, provider: str, attempt: int, exc: BaseException
+    ) -> None:
+        await self._record(
+            message.notification_id,
+            [self._entry("attempt_failed", message.recipient, provider, attempt, str(exc))],
+        )
 
-            async def failed(attempt: int, exc: BaseException, name: str = provider) -> None:
-                await self._record(
-                    message.notification_id,
-                    [self._entry("attempt_failed", message.recipient, name, attempt, str(exc))],
-                )
-
-            outcome = await guarded.send(message, failed)
-            if outcome.receipt is not None and not attempts:
-                return outcome, provider  # the common case: the first provider sent it
-            attempts += outcome.attempts
-            if outcome.receipt is not None or is_final_for_recipient(outcome.error):
-                break
+    async def _fail_over(
+        self, message: OutboundMessage, chain: list[GuardedProvider], first: Outcome
+    ) -> tuple[Outcome, str]:
+        # The first provider of ``chain`` failed with ``first``: the next ones, in order, unless
+        # no provider can do better for this recipient.
+        attempts = first.attempts
+        outcome = first
+        provider = chain[0].name
+        if not is_final_for_recipient(outcome.error):
+            for guarded in chain[1:]:
+                provider = guarded.name
+                outcome = await guarded.send(message, self._attempt_failed)
+                attempts += outcome.attempts
+                if outcome.receipt is not None or is_final_for_recipient(outcome.error):
+                    break
         return Outcome(attempts, receipt=outcome.receipt, error=outcome.error), provider
 
     async def _fall_back(

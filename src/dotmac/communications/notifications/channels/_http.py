@@ -19,13 +19,14 @@ from typing import Any
 import httpx
 
 from dotmac.communications.errors import (
+    CommunicationsError,
     DeliveryError,
     OperationTimeoutError,
     PermanentDeliveryError,
     RecipientUnregisteredError,
 )
 
-__all__ = ["HttpSender", "parse_retry_after"]
+__all__ = ["HttpSender", "check_status", "parse_retry_after", "request_error"]
 
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 _MAX_BODY_IN_ERROR = 300
@@ -45,6 +46,28 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if when.tzinfo is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+REQUEST_ERRORS = (TimeoutError, httpx.TransportError, httpx.InvalidURL)
+"""What a request raises that :func:`request_error` maps (httpx's timeouts are transport errors)."""
+
+
+def request_error(
+    provider: str, url: str, timeout: float, exc: BaseException
+) -> CommunicationsError:
+    """The library error for ``exc``, one of :data:`REQUEST_ERRORS`, raised requesting ``url``.
+
+    A timeout (the total deadline, or one of httpx's) is an :class:`OperationTimeoutError`, any
+    other transport error a :class:`DeliveryError` (both transient), an invalid URL a
+    :class:`PermanentDeliveryError`.
+    """
+    if isinstance(exc, TimeoutError):
+        return OperationTimeoutError(f"{provider}: no answer from {_host(url)} within {timeout}s")
+    if isinstance(exc, httpx.TimeoutException):
+        return OperationTimeoutError(f"{provider}: {type(exc).__name__} talking to {_host(url)}")
+    if isinstance(exc, httpx.TransportError):
+        return DeliveryError(f"{provider}: cannot reach {_host(url)}: {type(exc).__name__}: {exc}")
+    return PermanentDeliveryError(f"{provider}: invalid URL {url!r}: {exc}")
 
 
 class HttpSender:
@@ -128,20 +151,8 @@ class HttpSender:
                     response = await self.client.request(method, url, **kwargs)
             else:
                 response = await self.client.request(method, url, **kwargs)
-        except TimeoutError as exc:
-            raise OperationTimeoutError(
-                f"{self.provider}: no answer from {_host(url)} within {self.timeout}s"
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise OperationTimeoutError(
-                f"{self.provider}: {type(exc).__name__} talking to {_host(url)}"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise DeliveryError(
-                f"{self.provider}: cannot reach {_host(url)}: {type(exc).__name__}: {exc}"
-            ) from exc
-        except httpx.InvalidURL as exc:
-            raise PermanentDeliveryError(f"{self.provider}: invalid URL {url!r}: {exc}") from exc
+        except REQUEST_ERRORS as exc:
+            raise request_error(self.provider, url, self.timeout, exc) from exc
         if check:
             check_status(self.provider, response, gone_statuses=gone_statuses)
         return response

@@ -38,7 +38,11 @@ from dotmac.communications.errors import (
     OperationTimeoutError,
     PermanentDeliveryError,
 )
-from dotmac.communications.notifications.channels._http import HttpSender
+from dotmac.communications.notifications.channels._http import (
+    REQUEST_ERRORS,
+    check_status,
+    request_error,
+)
 
 __all__ = ["GuardedHttp", "check_target", "describe_url", "user_agent", "validate_url"]
 
@@ -119,10 +123,10 @@ def check_literal(url: str, *, allow_private: bool, setting: str = _WEBHOOK_SETT
     Raises:
         InvalidRecipientError: The URL is invalid, or its host is a non-public IP literal.
     """
-    host = _parse(validate_url(url)).host
+    validate_url(url)
     if allow_private:
         return
-    literal = _ip_literal(host)
+    literal = _ip_literal(_parse(url).host)
     if literal is not None and not _is_public(literal):
         raise InvalidRecipientError(
             f"target URL {describe_url(url)} is a private/loopback address ({literal}); "
@@ -158,6 +162,13 @@ async def check_target(url: str, *, allow_private: bool, setting: str = _WEBHOOK
             f"target URL {describe_url(url)} resolves to a private/loopback address "
             f"({refused[0]}); set {setting} to allow it"
         )
+
+
+@functools.lru_cache(maxsize=4096)  # valid URLs only (see post)
+def _pool_key(url: str) -> tuple[str, str, int | None]:
+    # The per-host pool and slot of a valid URL: reading an httpx.URL's parts costs per send.
+    parsed = _parse(url)
+    return (parsed.scheme, parsed.host, parsed.port)
 
 
 @functools.lru_cache(maxsize=4096)  # per send for names, where the failed parse costs most
@@ -292,6 +303,9 @@ class GuardedHttp:
         allow_private_targets: Allow loopback/private/link-local targets.
         setting: The setting named when a private target is refused.
         client: A ready client (not closed here; its connects are not pinned, see module doc).
+        default_headers: Headers the clients created here send with every request. A request
+            header equal to one of them is not passed again (httpx would replace it, which
+            costs per request); an injected client gets each request's headers as they are.
     """
 
     def __init__(
@@ -303,6 +317,7 @@ class GuardedHttp:
         allow_private_targets: bool,
         setting: str = _WEBHOOK_SETTING,
         client: httpx.AsyncClient | None = None,
+        default_headers: Mapping[str, str] | None = None,
     ) -> None:
         if not timeout > 0:
             raise ConfigurationError(f"{provider}: timeout must be > 0, got {timeout!r}")
@@ -316,27 +331,21 @@ class GuardedHttp:
         self.allow_private_targets = allow_private_targets
         self.setting = setting
         self._injected = client
-        self._sender: HttpSender | None = None  # over an injected client
-        self._pools: OrderedDict[
-            tuple[str, str, int | None], tuple[HttpSender, httpx.AsyncClient]
-        ] = OrderedDict()
+        self._default_headers = dict(default_headers or {})
+        self._pools: OrderedDict[tuple[str, str, int | None], httpx.AsyncClient] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
-        self._slots: dict[tuple[str, str, int | None], tuple[asyncio.Semaphore, int]] = {}
+        self._slots: dict[tuple[str, str, int | None], tuple[asyncio.Semaphore | None, int]] = {}
 
-    def _get_sender(self, key: tuple[str, str, int | None]) -> HttpSender:
+    def _get_client(self, key: tuple[str, str, int | None]) -> httpx.AsyncClient:
         # One pool per target host, limited to max_connections: a pool shared by every host
         # with no per-host limit grew past the cap under load (a connection is idle again only
         # once its response is closed), and httpcore scans every pooled connection per request.
         if self._injected is not None:
-            if self._sender is None:
-                self._sender = HttpSender(
-                    self.provider, timeout=self.timeout, client=self._injected
-                )
-            return self._sender
-        entry = self._pools.get(key)
-        if entry is not None:
+            return self._injected
+        client = self._pools.get(key)
+        if client is not None:
             self._pools.move_to_end(key)
-            return entry[0]
+            return client
         limits = httpx.Limits(
             max_connections=self.max_connections, max_keepalive_connections=self.max_connections
         )
@@ -351,11 +360,11 @@ class GuardedHttp:
             follow_redirects=False,
             trust_env=False,
             event_hooks={"response": [_refuse_redirect]},
+            headers=self._default_headers,
         )
-        sender = HttpSender(self.provider, timeout=self.timeout, client=client)
-        self._pools[key] = (sender, client)
+        self._pools[key] = client
         self._evict_idle_pools()
-        return sender
+        return client
 
     def _evict_idle_pools(self) -> None:
         # Bounded: past _MAX_HOST_POOLS, the least recently used pools with no request in
@@ -364,7 +373,7 @@ class GuardedHttp:
             if len(self._pools) <= _MAX_HOST_POOLS:
                 return
             if key not in self._slots:
-                _, client = self._pools.pop(key)
+                client = self._pools.pop(key)
                 task = asyncio.get_running_loop().create_task(client.aclose())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
@@ -388,28 +397,42 @@ class GuardedHttp:
             DeliveryError: Network error, unresolvable host, 408/425/429 or 5xx (transient).
             PermanentDeliveryError: A redirect or any other non-2xx answer.
         """
-        validate_url(url)
-        parsed = _parse(url)
-        key = (parsed.scheme, parsed.host, parsed.port)
+        key = _pool_key(validate_url(url))
+        defaults = self._default_headers
+        if defaults and self._injected is None:
+            headers = {
+                name: value for name, value in headers.items() if defaults.get(name) != value
+            }
         if params:
             # Merged into the URL's own query: httpx's ``params=`` would replace it.
-            url = str(parsed.copy_merge_params(dict(params)))
+            url = str(_parse(url).copy_merge_params(dict(params)))
         try:
-            # The one total deadline (queueing, resolution, connect, request, response): the
-            # sender is told not to set a second one.
+            # The one total deadline (queueing, resolution, connect, request, response).
             async with asyncio.timeout(self.timeout):
                 if self._injected is not None and not self.allow_private_targets:
                     await check_target(url, allow_private=False, setting=self.setting)
-                # The per-host slot (inline rather than a context manager: this runs per send).
+                # The per-host slot: requests in flight (a pool in use is never evicted) and,
+                # over an injected client shared by every host, the per-host cap (a pool of our
+                # own caps its host itself). Inline, the semaphore acquired and released without
+                # ``async with``: this runs per send, and coroutine layers cost per resumption.
                 slots = self._slots
-                semaphore, users = slots.get(key) or (asyncio.Semaphore(self.max_connections), 0)
+                semaphore, users = slots.get(key) or (
+                    None if self._injected is None else asyncio.Semaphore(self.max_connections),
+                    0,
+                )
                 slots[key] = (semaphore, users + 1)
                 try:
-                    async with semaphore:
-                        sender = self._get_sender(key)
-                        return await sender.request(
-                            "POST", url, content=content, headers=dict(headers), deadline=False
+                    if semaphore is not None:
+                        await semaphore.acquire()
+                    try:
+                        response = await self._get_client(key).request(
+                            "POST", url, content=content, headers=headers
                         )
+                    except REQUEST_ERRORS as exc:
+                        raise request_error(self.provider, url, self.timeout, exc) from exc
+                    finally:
+                        if semaphore is not None:
+                            semaphore.release()
                 finally:
                     semaphore, users = slots[key]
                     if users == 1:
@@ -422,12 +445,13 @@ class GuardedHttp:
             raise OperationTimeoutError(
                 f"{self.provider}: no answer from {describe_url(url)} within {self.timeout}s"
             ) from exc
+        check_status(self.provider, response)
+        return response
 
     async def aclose(self) -> None:
         """Close the client this object created (an injected one is left open)."""
-        self._sender = None
         pools, self._pools = list(self._pools.values()), OrderedDict()
-        for _, client in pools:
+        for client in pools:
             await client.aclose()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
