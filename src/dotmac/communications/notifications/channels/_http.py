@@ -129,14 +129,12 @@ class HttpSender:
         *,
         gone_statuses: Collection[int] = (),
         check: bool = True,
-        deadline: bool = True,
         **kwargs: Any,
     ) -> httpx.Response:
         """Send one request within the total deadline; return a 2xx response or raise.
 
         With ``check=False`` any answer is returned, for providers that read an error body
-        before deciding (Twilio's and FCM's error codes); transport errors still raise. With
-        ``deadline=False`` the caller enforces the total deadline itself (one timer, not two).
+        before deciding (Twilio's and FCM's error codes); transport errors still raise.
 
         Raises:
             OperationTimeoutError: No full answer within ``timeout`` (transient).
@@ -146,10 +144,7 @@ class HttpSender:
             PermanentDeliveryError: Any other non-2xx answer.
         """
         try:
-            if deadline:
-                async with asyncio.timeout(self.timeout):
-                    response = await self.client.request(method, url, **kwargs)
-            else:
+            async with asyncio.timeout(self.timeout):
                 response = await self.client.request(method, url, **kwargs)
         except REQUEST_ERRORS as exc:
             raise request_error(self.provider, url, self.timeout, exc) from exc
