@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -204,3 +207,41 @@ def test_render_prometheus_escapes_help_text() -> None:
     metrics.counter("test.prom.help", description="line one\nC:\\path").add(1)
     text = metrics.render_prometheus()
     assert "# HELP test_prom_help_total line one\\nC:\\\\path\n" in text
+
+
+_GLOBAL_LATE = """
+import json
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from dotmac.communications.observability import metrics
+
+hist = metrics.histogram("test.late.duration", unit="s").bind({"k": "v"})
+count = metrics.counter("test.late.count").bind({"k": "v"})
+hist.record(1.0)  # before any provider: kept in the snapshot only
+count.add(1)
+reader = InMemoryMetricReader()
+otel_metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+hist.record(2.0)
+count.add(5)
+seen = {}
+for rm in reader.get_metrics_data().resource_metrics:
+    for sm in rm.scope_metrics:
+        for m in sm.metrics:
+            point = m.data.data_points[0]
+            seen[m.name] = getattr(point, "sum", None) if hasattr(point, "sum") else point.value
+print(json.dumps({"seen": seen, "local": metrics.value("test.late.count")}))
+"""
+
+
+def test_bound_instruments_follow_a_global_provider_set_later() -> None:
+    """Bound before the host sets its global provider, they record into it from then on."""
+    done = subprocess.run(
+        [sys.executable, "-c", _GLOBAL_LATE], capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    # The provider got only what was recorded after it was set; the snapshot got everything.
+    assert result["seen"] == {"test.late.duration": 2.0, "test.late.count": 5}
+    assert result["local"] == 6

@@ -51,6 +51,24 @@ _lock = threading.Lock()
 _generation = 0
 """Bumped when cells or OTel instruments are replaced; bound instruments then re-resolve."""
 _enabled = True
+
+
+def _proxy_classes() -> frozenset[type]:
+    # The OTel API's proxy instruments (what a meter gives before a provider is set, and keeps
+    # giving after) only forward to ``_real_instrument`` when there is one. Bound instruments
+    # go to it directly: no call at all while no provider is set, one frame less after.
+    try:
+        from opentelemetry.metrics._internal import instrument  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - a future API layout: always call the proxy
+        return frozenset()
+    names = ("_ProxyCounter", "_ProxyUpDownCounter", "_ProxyHistogram")
+    classes = [getattr(instrument, name, None) for name in names]
+    if not all(isinstance(cls, type) for cls in classes):  # pragma: no cover - ditto
+        return frozenset()
+    return frozenset(classes)  # type: ignore[arg-type]
+
+
+_PROXIES = _proxy_classes()
 _instruments: dict[str, _Instrument] = {}
 # Library-local provider (``configure_telemetry(..., set_global=False)``); None: the global one.
 _meter_provider: otel_metrics.MeterProvider | None = None
@@ -244,6 +262,10 @@ class BoundCounter:
                 _resolve(self)
             otel = self._otel
             self._cell.value += amount
+        if otel.__class__ in _PROXIES:
+            otel = otel._real_instrument  # None until a meter provider is set
+            if otel is None:
+                return
         otel.add(amount, self._attributes)
 
 
@@ -268,7 +290,18 @@ class BoundHistogram:
             if self._generation != _generation:
                 _resolve(self)
             otel = self._otel
-            _fold(self._cell, value)
+            # _fold(), written out: this runs once per message on hot paths.
+            stats = self._cell
+            stats[0] += 1
+            stats[1] += value
+            if value < stats[2]:  # noqa: PLR1730
+                stats[2] = value
+            if value > stats[3]:  # noqa: PLR1730
+                stats[3] = value
+        if otel.__class__ in _PROXIES:
+            otel = otel._real_instrument  # None until a meter provider is set
+            if otel is None:
+                return
         otel.record(value, self._attributes)
 
 
