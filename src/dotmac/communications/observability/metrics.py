@@ -260,7 +260,7 @@ class BoundCounter:
         with _lock:  # the generation check and the write together: reset() may run between
             if self._generation != _generation:
                 _resolve(self)
-            otel = self._otel
+            otel: Any = self._otel
             self._cell.value += amount
         if otel.__class__ in _PROXIES:
             otel = otel._real_instrument  # None until a meter provider is set
@@ -289,7 +289,7 @@ class BoundHistogram:
         with _lock:
             if self._generation != _generation:
                 _resolve(self)
-            otel = self._otel
+            otel: Any = self._otel
             # _fold(), written out: this runs once per message on hot paths.
             stats = self._cell
             stats[0] += 1
