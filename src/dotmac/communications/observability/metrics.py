@@ -68,7 +68,7 @@ def _proxy_classes() -> frozenset[type]:
     return frozenset(classes)  # type: ignore[arg-type]
 
 
-_PROXIES = _proxy_classes()
+_PROXIES: frozenset[Any] = _proxy_classes()
 _instruments: dict[str, _Instrument] = {}
 # Library-local provider (``configure_telemetry(..., set_global=False)``); None: the global one.
 _meter_provider: otel_metrics.MeterProvider | None = None
@@ -260,7 +260,7 @@ class BoundCounter:
         with _lock:  # the generation check and the write together: reset() may run between
             if self._generation != _generation:
                 _resolve(self)
-            otel: Any = self._otel
+            otel = self._otel
             self._cell.value += amount
         if otel.__class__ in _PROXIES:
             otel = otel._real_instrument  # None until a meter provider is set
@@ -289,7 +289,7 @@ class BoundHistogram:
         with _lock:
             if self._generation != _generation:
                 _resolve(self)
-            otel: Any = self._otel
+            otel = self._otel
             # _fold(), written out: this runs once per message on hot paths.
             stats = self._cell
             stats[0] += 1
