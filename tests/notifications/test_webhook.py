@@ -395,3 +395,40 @@ async def test_usable_again_after_aclose(http_server):
     await provider.send(_message(http_server.url))
     await provider.aclose()
     assert len(http_server.requests) == 2
+
+
+async def test_server_hanging_up_without_an_answer_is_transient():
+    """A server that reads the request and closes the connection -> transient DeliveryError."""
+    seen: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with _provider() as provider:
+            with pytest.raises(DeliveryError, match="RemoteProtocolError") as info:
+                await provider.send(_message(f"http://127.0.0.1:{port}/hook"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert info.value.transient
+    [request] = seen
+    assert request.startswith(b"POST /hook HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{port}\r\n".encode() in request
+
+
+async def test_non_ascii_header_value_refused_unsent(http_server):
+    """A header value HTTP cannot carry is a permanent error naming it; nothing is sent."""
+    async with _provider() as provider:
+        with pytest.raises(PermanentDeliveryError, match="X-Dotmac-Delivery") as info:
+            await provider.send(
+                OutboundMessage(
+                    notification_id="n-\u00e9", channel="webhook", recipient=http_server.url,
+                    data={"a": 1},
+                )
+            )  # fmt: skip
+    assert not info.value.transient
+    assert http_server.requests == []

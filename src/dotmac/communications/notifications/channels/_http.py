@@ -154,14 +154,21 @@ class HttpSender:
 
 
 def check_status(
-    provider: str, response: httpx.Response, *, gone_statuses: Collection[int] = ()
+    provider: str,
+    response: httpx.Response,
+    *,
+    gone_statuses: Collection[int] = (),
+    url: str | None = None,
 ) -> None:
-    """Raise the library error for a non-2xx ``response`` (see the module docstring)."""
+    """Raise the library error for a non-2xx ``response`` (see the module docstring).
+
+    ``url`` names the target when the response carries no request.
+    """
     status = response.status_code
     if 200 <= status < 300:
         return
     body = response.text[:_MAX_BODY_IN_ERROR].strip()
-    what = f"{provider}: HTTP {status} from {_host(str(response.request.url))}"
+    what = f"{provider}: HTTP {status} from {_host(url or str(response.request.url))}"
     if body:
         what = f"{what}: {body}"
     if status in gone_statuses:

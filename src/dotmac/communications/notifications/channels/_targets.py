@@ -22,7 +22,9 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
+import select
 import socket
+import ssl
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -32,6 +34,7 @@ import httpcore
 import httpx
 
 from dotmac.communications.errors import (
+    CommunicationsError,
     ConfigurationError,
     DeliveryError,
     InvalidRecipientError,
@@ -215,10 +218,65 @@ async def _resolve(host: str, port: int) -> list[_IPAddress]:
     return list(addresses)
 
 
-class _PublicOnlyBackend(httpcore.AsyncNetworkBackend):
-    """Resolve once, refuse non-public addresses, connect to the checked address (no rebinding)."""
+def _readable(sock: socket.socket | None) -> bool:
+    # Whether recv() would return at once (for an idle pooled connection: the server closed
+    # it), without reading; a socket without a descriptor counts as readable (closed).
+    fd = -1 if sock is None else sock.fileno()
+    if fd < 0:
+        return True
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
-    def __init__(self, setting: str) -> None:
+
+class _Stream(httpcore.AsyncNetworkStream):
+    """An httpcore network stream with its socket looked up once.
+
+    httpcore asks every pooled connection whether its socket is readable on each request, and
+    anyio builds its whole attribute table to answer; here the answer is one ``poll``.
+    """
+
+    __slots__ = ("_inner", "_socket")
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._socket: socket.socket | None = inner.get_extra_info("socket")
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return _Stream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            return _readable(self._socket)
+        if info == "socket":
+            return self._socket
+        return self._inner.get_extra_info(info)
+
+
+class _Backend(httpcore.AsyncNetworkBackend):
+    """anyio's backend with :class:`_Stream` streams and, when ``setting`` is given, the guard.
+
+    The guard resolves once, refuses non-public addresses and connects to the checked address
+    (no rebinding).
+    """
+
+    def __init__(self, setting: str | None) -> None:
         self._inner = httpcore.AnyIOBackend()
         self._setting = setting
 
@@ -230,6 +288,10 @@ class _PublicOnlyBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        if self._setting is None:
+            return _Stream(
+                await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+            )
         try:
             async with asyncio.timeout(timeout):
                 addresses = await _resolve(host, port)
@@ -244,11 +306,13 @@ class _PublicOnlyBackend(httpcore.AsyncNetworkBackend):
         *others, final = addresses  # _resolve never returns an empty list
         for address in others:
             with contextlib.suppress(httpcore.ConnectError):  # try the next address
-                return await self._inner.connect_tcp(
-                    str(address), port, timeout, local_address, socket_options
+                return _Stream(
+                    await self._inner.connect_tcp(
+                        str(address), port, timeout, local_address, socket_options
+                    )
                 )
-        return await self._inner.connect_tcp(
-            str(final), port, timeout, local_address, socket_options
+        return _Stream(
+            await self._inner.connect_tcp(str(final), port, timeout, local_address, socket_options)
         )
 
     async def connect_unix_socket(
@@ -263,38 +327,66 @@ class _PublicOnlyBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-class _GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over a connection pool whose connects go through the guard."""
+_CORE_ERRORS = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+)
+"""What a request on one of our own httpcore pools raises (httpx maps these for its clients)."""
 
-    def __init__(self, limits: httpx.Limits, setting: str) -> None:
-        super().__init__(limits=limits, trust_env=False)
-        if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
-            # httpx keeps its pool in ``_pool``; fail loudly rather than connect unguarded.
-            raise RuntimeError(  # noqa: TRY004 -- an unsupported httpx, not a bad argument
-                "this httpx version is not supported by the private-target guard"
-            )
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_PublicOnlyBackend(setting),
-        )
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_KEEPALIVE_EXPIRY = 5.0  # seconds an idle pooled connection is kept (httpx's default)
 
 
-async def _refuse_redirect(response: httpx.Response) -> None:
-    # A redirect could lead anywhere (an internal host included) and would drop the POST body.
-    if response.is_redirect:
-        location = response.headers.get("location", "")
-        await response.aclose()
+@functools.lru_cache(maxsize=4096)  # valid URLs only (see post)
+def _core_target(url: str) -> tuple[httpcore.URL, tuple[bytes, bytes]]:
+    # The httpcore URL of a valid URL and its Host header (what httpx derives per request).
+    parsed = _parse(url)
+    core = httpcore.URL(
+        scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port, target=parsed.raw_path
+    )
+    return core, (b"Host", parsed.netloc)
+
+
+def _core_error(provider: str, url: str, exc: Exception) -> CommunicationsError:
+    # The library error for an httpcore exception (as request_error() does for httpx's).
+    if isinstance(exc, httpcore.TimeoutException):
+        return OperationTimeoutError(f"{provider}: {type(exc).__name__} talking to "
+                                     f"{describe_url(url)}")  # fmt: skip
+    if isinstance(exc, httpcore.LocalProtocolError | httpcore.UnsupportedProtocol):
+        return PermanentDeliveryError(f"{provider}: cannot send to {describe_url(url)}: "
+                                      f"{type(exc).__name__}: {exc}")  # fmt: skip
+    return DeliveryError(
+        f"{provider}: cannot reach {describe_url(url)}: {type(exc).__name__}: {exc}"
+    )
+
+
+def _encode_headers(provider: str, headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    try:
+        return [(name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()]
+    except UnicodeEncodeError as exc:
+        bad = next(name for name, value in headers.items() if not (name + value).isascii())
         raise PermanentDeliveryError(
-            f"HTTP {response.status_code} redirect from {describe_url(str(response.request.url))}"
-            f" to {describe_url(location)}: redirects are not followed; configure the final URL"
-        )
+            f"{provider}: header {bad!r} is not ASCII; HTTP header values must be"
+        ) from exc
+
+
+def _refuse_redirect(provider: str, url: str, status: int, location: str) -> None:
+    # A redirect could lead anywhere (an internal host included) and would drop the POST body.
+    raise PermanentDeliveryError(
+        f"{provider}: HTTP {status} redirect from {describe_url(url)} to {describe_url(location)}:"
+        " redirects are not followed; configure the final URL"
+    )
 
 
 class GuardedHttp:
     """The HTTP client of a webhook or chat provider: guarded targets, per-host concurrency cap.
+
+    Requests go straight to httpcore (httpx's own HTTP engine): one bounded connection pool per
+    target host, whose network backend pins the checked address. An httpx client would add
+    ~0.65M instructions per request (request and response models, cookie jar, hooks) that a
+    webhook needs none of; an injected client is used as it is.
 
     Args:
         provider: Provider name used in error messages.
@@ -302,10 +394,9 @@ class GuardedHttp:
         max_connections: Concurrent requests (and so connections) per target host.
         allow_private_targets: Allow loopback/private/link-local targets.
         setting: The setting named when a private target is refused.
-        client: A ready client (not closed here; its connects are not pinned, see module doc).
-        default_headers: Headers the clients created here send with every request. A request
-            header equal to one of them is not passed again (httpx would replace it, which
-            costs per request); an injected client gets each request's headers as they are.
+        client: A ready httpx client (not closed here; its connects are not pinned, see the
+            module doc).
+        default_headers: Headers sent with every request unless the request sets them.
     """
 
     def __init__(
@@ -332,39 +423,33 @@ class GuardedHttp:
         self.setting = setting
         self._injected = client
         self._default_headers = dict(default_headers or {})
-        self._pools: OrderedDict[tuple[str, str, int | None], httpx.AsyncClient] = OrderedDict()
+        self._pools: OrderedDict[tuple[str, str, int | None], httpcore.AsyncConnectionPool] = (
+            OrderedDict()
+        )
+        self._ssl_context: ssl.SSLContext | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._slots: dict[tuple[str, str, int | None], tuple[asyncio.Semaphore | None, int]] = {}
 
-    def _get_client(self, key: tuple[str, str, int | None]) -> httpx.AsyncClient:
+    def _get_pool(self, key: tuple[str, str, int | None]) -> httpcore.AsyncConnectionPool:
         # One pool per target host, limited to max_connections: a pool shared by every host
-        # with no per-host limit grew past the cap under load (a connection is idle again only
-        # once its response is closed), and httpcore scans every pooled connection per request.
-        if self._injected is not None:
-            return self._injected
-        client = self._pools.get(key)
-        if client is not None:
+        # with no per-host limit grew past the cap under load, and httpcore scans every pooled
+        # connection per request.
+        pool = self._pools.get(key)
+        if pool is not None:
             self._pools.move_to_end(key)
-            return client
-        limits = httpx.Limits(
-            max_connections=self.max_connections, max_keepalive_connections=self.max_connections
+            return pool
+        if self._ssl_context is None:  # built once: an SSL context costs milliseconds
+            self._ssl_context = httpx.create_ssl_context(trust_env=False)
+        pool = httpcore.AsyncConnectionPool(
+            ssl_context=self._ssl_context,
+            max_connections=self.max_connections,
+            max_keepalive_connections=self.max_connections,
+            keepalive_expiry=_KEEPALIVE_EXPIRY,
+            network_backend=_Backend(None if self.allow_private_targets else self.setting),
         )
-        transport = (
-            httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-            if self.allow_private_targets
-            else _GuardedTransport(limits, self.setting)
-        )
-        client = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(self.timeout),
-            follow_redirects=False,
-            trust_env=False,
-            event_hooks={"response": [_refuse_redirect]},
-            headers=self._default_headers,
-        )
-        self._pools[key] = client
+        self._pools[key] = pool
         self._evict_idle_pools()
-        return client
+        return pool
 
     def _evict_idle_pools(self) -> None:
         # Bounded: past _MAX_HOST_POOLS, the least recently used pools with no request in
@@ -373,8 +458,8 @@ class GuardedHttp:
             if len(self._pools) <= _MAX_HOST_POOLS:
                 return
             if key not in self._slots:
-                client = self._pools.pop(key)
-                task = asyncio.get_running_loop().create_task(client.aclose())
+                pool = self._pools.pop(key)
+                task = asyncio.get_running_loop().create_task(pool.aclose())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
@@ -389,35 +474,30 @@ class GuardedHttp:
         """POST ``content`` to ``url`` (``params`` added to its query) within the deadline.
 
         Returns:
-            The 2xx response.
+            The 2xx response (its body read).
 
         Raises:
             InvalidRecipientError: The target is invalid or private (and not allowed).
             OperationTimeoutError: The deadline passed (transient).
             DeliveryError: Network error, unresolvable host, 408/425/429 or 5xx (transient).
-            PermanentDeliveryError: A redirect or any other non-2xx answer.
+            PermanentDeliveryError: A redirect, any other non-2xx answer, or a header value
+                that is not ASCII.
         """
         key = _pool_key(validate_url(url))
-        defaults = self._default_headers
-        if defaults and self._injected is None:
-            headers = {
-                name: value for name, value in headers.items() if defaults.get(name) != value
-            }
         if params:
             # Merged into the URL's own query: httpx's ``params=`` would replace it.
             url = str(_parse(url).copy_merge_params(dict(params)))
+        injected = self._injected
         try:
             # The one total deadline (queueing, resolution, connect, request, response).
             async with asyncio.timeout(self.timeout):
-                if self._injected is not None and not self.allow_private_targets:
-                    await check_target(url, allow_private=False, setting=self.setting)
                 # The per-host slot: requests in flight (a pool in use is never evicted) and,
                 # over an injected client shared by every host, the per-host cap (a pool of our
                 # own caps its host itself). Inline, the semaphore acquired and released without
                 # ``async with``: this runs per send, and coroutine layers cost per resumption.
                 slots = self._slots
                 semaphore, users = slots.get(key) or (
-                    None if self._injected is None else asyncio.Semaphore(self.max_connections),
+                    None if injected is None else asyncio.Semaphore(self.max_connections),
                     0,
                 )
                 slots[key] = (semaphore, users + 1)
@@ -425,8 +505,10 @@ class GuardedHttp:
                     if semaphore is not None:
                         await semaphore.acquire()
                     try:
-                        response = await self._get_client(key).request(
-                            "POST", url, content=content, headers=headers
+                        response = await (
+                            self._own(key, url, headers, content)
+                            if injected is None
+                            else self._foreign(injected, url, headers, content)
                         )
                     except REQUEST_ERRORS as exc:
                         raise request_error(self.provider, url, self.timeout, exc) from exc
@@ -445,13 +527,51 @@ class GuardedHttp:
             raise OperationTimeoutError(
                 f"{self.provider}: no answer from {describe_url(url)} within {self.timeout}s"
             ) from exc
-        check_status(self.provider, response)
+        return self._checked(url, response)
+
+    async def _own(
+        self, key: tuple[str, str, int | None], url: str, headers: Mapping[str, str], content: bytes
+    ) -> httpx.Response:
+        # One request on our own pool for the host; it reads the body and frees the connection.
+        target, raw = self._prepare(url, headers, content)
+        try:
+            answer = await self._get_pool(key).request(
+                b"POST", target, headers=raw, content=content
+            )
+        except _CORE_ERRORS as exc:
+            raise _core_error(self.provider, url, exc) from exc
+        return httpx.Response(answer.status, headers=answer.headers, content=answer.content)
+
+    async def _foreign(
+        self, client: httpx.AsyncClient, url: str, headers: Mapping[str, str], content: bytes
+    ) -> httpx.Response:
+        # An injected client: its connects cannot be pinned, so the target is checked first.
+        if not self.allow_private_targets:
+            await check_target(url, allow_private=False, setting=self.setting)
+        return await client.request("POST", url, content=content, headers=headers)
+
+    def _prepare(
+        self, url: str, headers: Mapping[str, str], content: bytes
+    ) -> tuple[httpcore.URL, list[tuple[bytes, bytes]]]:
+        # What httpx would build per request for one of our pools: the target and raw headers.
+        target, host = _core_target(url)
+        defaults = self._default_headers
+        raw = _encode_headers(self.provider, {**defaults, **headers} if defaults else headers)
+        raw.append(host)
+        raw.append((b"Content-Length", b"%d" % len(content)))
+        return target, raw
+
+    def _checked(self, url: str, response: httpx.Response) -> httpx.Response:
+        status = response.status_code
+        if status in _REDIRECTS and "location" in response.headers:
+            _refuse_redirect(self.provider, url, status, response.headers["location"])
+        check_status(self.provider, response, url=url)
         return response
 
     async def aclose(self) -> None:
-        """Close the client this object created (an injected one is left open)."""
+        """Close the pools this object created (an injected client is left open)."""
         pools, self._pools = list(self._pools.values()), OrderedDict()
-        for client in pools:
-            await client.aclose()
+        for pool in pools:
+            await pool.aclose()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
