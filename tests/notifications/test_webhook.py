@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
+import ssl
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -11,6 +13,10 @@ from importlib import metadata
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from _support.http_server import RecordingHTTPServer, Reply
 from dotmac.communications.errors import (
@@ -432,3 +438,82 @@ async def test_non_ascii_header_value_refused_unsent(http_server):
             )  # fmt: skip
     assert not info.value.transient
     assert http_server.requests == []
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by its own key (cert path, key path)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+@pytest.fixture
+async def https_hook(tmp_path):
+    """A loopback HTTPS endpoint answering 200; yields (url, cert path, requests, connections)."""
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    requests: list[bytes] = []
+    connections: list[object] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer.get_extra_info("peername"))
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                requests.append(head + await reader.readexactly(length))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        yield f"https://127.0.0.1:{port}/hook", cert, requests, connections
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_https_target_with_a_trusted_private_ca(https_hook):
+    """An https hook whose CA is given in ssl_context gets the signed body over TLS, reused."""
+    url, cert, requests, connections = https_hook
+    context = ssl.create_default_context(cafile=cert)
+    async with _provider(secret=SECRET, ssl_context=context) as provider:
+        for _ in range(3):
+            assert (await provider.send(_message(url))).detail == "HTTP 200"
+    assert len(requests) == 3
+    assert len(connections) == 1
+    assert all(r.endswith(BODY) and b"X-Dotmac-Signature: t=" in r for r in requests)
+
+
+async def test_https_target_with_an_untrusted_certificate_is_not_sent(https_hook):
+    """By default certificates are verified: a self-signed one fails the delivery, unsent."""
+    url, _cert, requests, _connections = https_hook
+    async with _provider() as provider:
+        with pytest.raises(DeliveryError, match="CERTIFICATE_VERIFY_FAILED") as info:
+            await provider.send(_message(url))
+    assert info.value.transient
+    assert requests == []

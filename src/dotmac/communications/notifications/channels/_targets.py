@@ -397,6 +397,8 @@ class GuardedHttp:
         client: A ready httpx client (not closed here; its connects are not pinned, see the
             module doc).
         default_headers: Headers sent with every request unless the request sets them.
+        ssl_context: TLS settings of ``https`` targets (e.g. a private CA); default: the
+            system's verification with certifi's CA bundle, as httpx.
     """
 
     def __init__(
@@ -409,6 +411,7 @@ class GuardedHttp:
         setting: str = _WEBHOOK_SETTING,
         client: httpx.AsyncClient | None = None,
         default_headers: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not timeout > 0:
             raise ConfigurationError(f"{provider}: timeout must be > 0, got {timeout!r}")
@@ -426,7 +429,7 @@ class GuardedHttp:
         self._pools: OrderedDict[tuple[str, str, int | None], httpcore.AsyncConnectionPool] = (
             OrderedDict()
         )
-        self._ssl_context: ssl.SSLContext | None = None
+        self._ssl_context = ssl_context
         self._closing: set[asyncio.Task[None]] = set()
         self._slots: dict[tuple[str, str, int | None], tuple[asyncio.Semaphore, int]] = {}
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -171,6 +172,9 @@ class WebhookProvider(Provider):
         max_connections: Concurrent requests (and connections) per target host.
         client: A ready httpx client (not closed by :meth:`aclose`; its connects are checked
             before, not pinned, see ``_targets``).
+        ssl_context: TLS settings for ``https`` targets, e.g. one trusting a private CA
+            (default: certificates verified against certifi's CA bundle). Not used with
+            ``client``, whose own settings apply.
         clock: Unix time for the signature timestamp.
         name: Provider name.
 
@@ -188,6 +192,7 @@ class WebhookProvider(Provider):
         allow_private_targets: bool = False,
         max_connections: int = 10,
         client: httpx.AsyncClient | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
         name: str = "webhook",
     ) -> None:
@@ -211,6 +216,7 @@ class WebhookProvider(Provider):
             allow_private_targets=allow_private_targets,
             setting=_SETTING,
             client=client,
+            ssl_context=ssl_context,
             # Sent with every request: set once on the provider's own clients (see GuardedHttp).
             default_headers={"Content-Type": "application/json", "User-Agent": user_agent()},
         )
