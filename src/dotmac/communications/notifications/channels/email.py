@@ -281,7 +281,9 @@ class SMTPProvider(Provider):
             PermanentDeliveryError: The message has no text, html or attachment to send.
         """
         sender, reply_to, custom = self._envelope(message)
-        recipient = _mailbox(message.recipient, "recipient", display_name=False)
+        # A bare address, set as text: the header parses it once, where an Address would parse
+        # its addr_spec first (same header, same bytes; email-validator allows no quoting here).
+        recipient = _validated(message.recipient, "recipient", display_name=False).ascii_email
 
         msg = EmailMessage(policy=email.policy.SMTP)
         msg["From"] = sender
@@ -474,7 +476,10 @@ def _validated(value: str, what: str, *, display_name: bool) -> ValidatedEmail:
         raise InvalidRecipientError(f"invalid {what} email address {value!r}: {exc}") from exc
 
 
+@functools.lru_cache(maxsize=256)
 def _mailbox(value: str, what: str, *, display_name: bool) -> Address:
+    # Cached: From (and Reply-To) repeat on every message, check() and the builder both need
+    # them, and Address() parses its addr_spec again (~0.2M instructions). Address is immutable.
     info = _validated(value, what, display_name=display_name)
     return Address(display_name=info.display_name or "", addr_spec=info.ascii_email)
 
