@@ -517,3 +517,29 @@ async def test_https_target_with_an_untrusted_certificate_is_not_sent(https_hook
             await provider.send(_message(url))
     assert info.value.transient
     assert requests == []
+
+
+async def test_connection_the_server_closed_while_idle_is_not_reused():
+    """A keep-alive connection the server closed between sends is replaced, not written to."""
+    connections: list[object] = []
+
+    async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer.get_extra_info("peername"))
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")  # keep-alive, then...
+        await writer.drain()
+        writer.close()  # ...the server's idle timeout fires
+
+    server = await asyncio.start_server(one_answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    try:
+        async with _provider() as provider:
+            for _ in range(3):
+                await asyncio.sleep(0.05)  # the close reaches the client
+                assert (await provider.send(_message(url))).detail == "HTTP 200"
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(connections) == 3
