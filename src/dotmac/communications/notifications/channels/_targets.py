@@ -333,7 +333,7 @@ class _HostPool:
     The caller caps concurrent requests (GuardedHttp's per-host semaphore), so this needs no
     queue: a request takes an idle connection or opens one, and gives it back when the
     response is read. httpcore's own pool rescans every connection and queued request on each
-    request and release, which cost ~20% of a webhook's CPU at 10 connections. A connection
+    request and release, about a quarter of a webhook's instructions at 10 connections. A connection
     that failed or was cancelled mid-request has closed itself (httpcore) and is dropped.
     """
 
@@ -388,7 +388,7 @@ _CORE_ERRORS = (
     httpcore.ProtocolError,
     httpcore.UnsupportedProtocol,
 )
-"""What a request on one of our own httpcore pools raises (httpx maps these for its clients)."""
+"""What a request on our own httpcore connections raises (httpx maps these for its clients)."""
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _KEEPALIVE_EXPIRY = 5.0  # seconds an idle pooled connection is kept (httpx's default)
@@ -438,10 +438,11 @@ def _refuse_redirect(provider: str, url: str, status: int, location: str) -> Non
 class GuardedHttp:
     """The HTTP client of a webhook or chat provider: guarded targets, per-host concurrency cap.
 
-    Requests go straight to httpcore (httpx's own HTTP engine): one bounded connection pool per
-    target host, whose network backend pins the checked address. An httpx client would add
-    ~0.65M instructions per request (request and response models, cookie jar, hooks) that a
-    webhook needs none of; an injected client is used as it is.
+    Requests go straight to httpcore connections (httpx's own HTTP engine), kept alive per
+    target host (:class:`_HostPool`) and made through a network backend that pins the checked
+    address. An httpx client would add ~0.65M instructions per request (request and response
+    models, cookie jar, hooks, pool scans) that a webhook needs none of; an injected client is
+    used as it is.
 
     Args:
         provider: Provider name used in error messages.
